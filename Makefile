@@ -1,0 +1,41 @@
+# pyvirtio: `make demo` boots a guest with its root on a pyvirtio disk; `make test` runs everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv lint unit e2e test demo clean
+
+all: test
+
+deps:
+	scripts/host-deps base guest
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests rigs
+	$(VENV)/bin/ruff format --check src tests rigs
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+e2e: deps venv
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+test: deps venv lint
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: deps venv
+	$(PY) -m rigs.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

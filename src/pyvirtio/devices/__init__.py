@@ -1,0 +1,1 @@
+"""Concrete virtio devices."""

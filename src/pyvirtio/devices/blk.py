@@ -1,0 +1,347 @@
+"""virtio-blk (VIRTIO 1.2 §5.2) on a raw image.
+
+A request is a header (type, ioprio, sector) in the device-readable part, data, and a status byte
+at the very end of the device-writable part (§5.2.6). With VERSION_1 the layout across descriptors
+is free (ANY_LAYOUT), so the header and the status are located by byte position, not by
+descriptor. Every request ends with a status; chains whose status byte cannot be reached make the
+device need a reset, since the spec gives no other way to fail them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pyvirtio.device import DeviceError, VirtioDevice
+from pyvirtio.memory.guest import GuestMemoryError
+from pyvirtio.spec.blk import (
+    BARRIER_FLAG,
+    DISCARD_SEGMENT,
+    ID_BYTES,
+    REQ_HEADER,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    WRITE_ZEROES_FLAG_UNMAP,
+    WRITEBACK_OFFSET,
+    BlkConfig,
+    BlkFeature,
+    BlkRequestType,
+    BlkStatus,
+)
+from pyvirtio.spec.features import bit
+from pyvirtio.spec.ids import DeviceId
+from pyvirtio.spec.ring import DescFlag
+from pyvirtio.storage.raw import RawImage
+from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
+
+log = logging.getLogger(__name__)
+
+_T_IN = BlkRequestType.IN.value
+_T_OUT = BlkRequestType.OUT.value
+_T_FLUSH = BlkRequestType.FLUSH.value
+_T_FLUSH_OUT = 5  # legacy synonym of FLUSH (§5.2.6.4)
+_T_GET_ID = BlkRequestType.GET_ID.value
+_T_DISCARD = BlkRequestType.DISCARD.value
+_T_WRITE_ZEROES = BlkRequestType.WRITE_ZEROES.value
+_S_OK = BlkStatus.OK.value
+_S_IOERR = BlkStatus.IOERR.value
+_S_UNSUPP = BlkStatus.UNSUPP.value
+_HEADER_SIZE = REQ_HEADER.size
+_WRITE_TYPES = frozenset({_T_OUT, _T_DISCARD, _T_WRITE_ZEROES, BlkRequestType.SECURE_ERASE.value})
+
+#: Limits advertised for discard and write-zeroes (per segment, and segments per request).
+MAX_DISCARD_SECTORS = 1 << 22
+MAX_DISCARD_SEG = 32
+#: Largest single data segment the driver may use (SIZE_MAX).
+SIZE_MAX = 1 << 20
+
+
+class _RateLimitedLog:
+    """At most one log line per ``interval`` seconds for guest-triggered errors."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, self.suppressed)
+        self.last = now
+        self.suppressed = 0
+        log.warning(msg, *args)
+
+
+class BlkDevice(VirtioDevice):
+    """A virtio-blk device serving one raw image."""
+
+    device_id = DeviceId.BLOCK
+
+    def __init__(
+        self,
+        image: RawImage,
+        *,
+        num_queues: int = 1,
+        queue_size: int = 128,
+        logical_block_size: int | None = None,
+        serial: str = "",
+        writethrough: bool = False,
+    ) -> None:
+        lbs = logical_block_size or image.logical_block_size
+        if lbs < SECTOR_SIZE or lbs & (lbs - 1) or lbs > 65536:
+            raise ValueError(f"logical block size {lbs} is not a power of two in 512..65536")
+        if lbs < image.logical_block_size:
+            raise ValueError(
+                f"logical block size {lbs} is below the image's {image.logical_block_size}"
+            )
+        if queue_size < 4:
+            raise ValueError("virtio-blk needs queues of at least 4 descriptors")
+        serial_bytes = serial.encode()
+        if len(serial_bytes) > ID_BYTES:
+            raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
+        self.image = image
+        self.read_only = image.read_only
+        self.logical_block_size = lbs
+        self.serial = serial_bytes
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self._default_writeback = 0 if writethrough else 1
+        self._writeback = self._default_writeback
+        self._dsync = writethrough
+        self._errors = _RateLimitedLog()
+        self.capacity_bytes = self._usable_size(image.size)
+        super().__init__(num_queues, queue_size)
+        self._config = self._build_config()
+
+    def _usable_size(self, size: int) -> int:
+        return size - size % self.logical_block_size
+
+    # -- features and config -------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        features = (
+            bit(BlkFeature.SIZE_MAX)
+            | bit(BlkFeature.SEG_MAX)
+            | bit(BlkFeature.BLK_SIZE)
+            | bit(BlkFeature.TOPOLOGY)
+            | bit(BlkFeature.FLUSH)
+            | bit(BlkFeature.CONFIG_WCE)
+        )
+        if self.num_queues > 1:
+            features |= bit(BlkFeature.MQ)
+        if self.read_only:
+            features |= bit(BlkFeature.RO)
+        else:
+            features |= bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
+        return features
+
+    def _build_config(self) -> bytes:
+        lbs_sectors = self.logical_block_size >> SECTOR_SHIFT
+        phys = max(self.image.physical_block_size, self.logical_block_size)
+        return BlkConfig(
+            capacity=self.capacity_bytes >> SECTOR_SHIFT,
+            size_max=SIZE_MAX,
+            seg_max=self.queue_size - 2,
+            blk_size=self.logical_block_size,
+            physical_block_exp=(phys // self.logical_block_size).bit_length() - 1,
+            min_io_size=1,
+            opt_io_size=0,
+            writeback=self._writeback,
+            num_queues=self.num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=MAX_DISCARD_SEG,
+            discard_sector_alignment=lbs_sectors,
+            max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg=MAX_DISCARD_SEG,
+            write_zeroes_may_unmap=1,
+        ).pack()
+
+    def config_bytes(self) -> bytes:
+        return self._config
+
+    def write_config_bytes(self, offset: int, data: bytes) -> None:
+        if offset != WRITEBACK_OFFSET or len(data) != 1:
+            log.warning(
+                "driver wrote %d config bytes at %#x; only writeback is writable", len(data), offset
+            )
+            return
+        self._writeback = 1 if data[0] else 0
+        self._config = self._build_config()
+        self._update_cache_mode()
+        log.info(
+            "%s: cache mode is now %s",
+            self.image.path,
+            "writethrough" if self._dsync else "writeback",
+        )
+
+    def _update_cache_mode(self) -> None:
+        """Writethrough when the driver cannot flush, or chose it (§5.2.6.5 "stable" writes)."""
+        if self.negotiated(BlkFeature.CONFIG_WCE):
+            self._dsync = self._writeback == 0
+        else:
+            self._dsync = not self.negotiated(BlkFeature.FLUSH)
+
+    def on_activate(self) -> None:
+        self._update_cache_mode()
+
+    def on_reset(self) -> None:
+        self._writeback = self._default_writeback
+        self._config = self._build_config()
+
+    def refresh_capacity(self) -> bool:
+        """Re-read the image size; on a change update capacity and notify (§5.2.6.5)."""
+        size = self._usable_size(self.image.query_size())
+        if size == self.capacity_bytes:
+            return False
+        log.info(
+            "%s: capacity changed from %d to %d bytes", self.image.path, self.capacity_bytes, size
+        )
+        self.capacity_bytes = size
+        self._config = self._build_config()
+        self.config_changed()
+        return True
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        writable = chain.writable
+        if chain.fault is not None:
+            self._errors.warning("queue %d head %d: %s", queue.index, chain.head, chain.fault)
+            self._status_of_faulty(chain)[0] = _S_IOERR
+            return chain.write_len
+        if not writable:
+            raise DeviceError(f"queue {queue.index} head {chain.head}: request has no status byte")
+        last = writable[-1]
+        if len(last) == 1:
+            status = last
+            data_in = writable[:-1]
+        else:
+            status = last[-1:]
+            data_in = [*writable[:-1], last[:-1]]
+        readable = chain.readable
+        first = readable[0] if readable else None
+        if first is not None and len(first) >= _HEADER_SIZE:
+            req_type, _, sector = REQ_HEADER.unpack_from(first)
+            data_out = readable[1:]
+            if len(first) > _HEADER_SIZE:
+                data_out.insert(0, first[_HEADER_SIZE:])
+        elif chain.read_len >= _HEADER_SIZE:
+            joined = memoryview(b"".join(readable))
+            req_type, _, sector = REQ_HEADER.unpack_from(joined)
+            data_out = [joined[_HEADER_SIZE:]]
+        else:
+            self._errors.warning(
+                "queue %d head %d: request header is %d bytes, not 16",
+                queue.index,
+                chain.head,
+                chain.read_len,
+            )
+            status[0] = _S_IOERR
+            return chain.write_len
+        try:
+            status[0] = self._execute(
+                req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1
+            )
+        except OSError as exc:
+            self._errors.warning(
+                "%s: request type %d at sector %d failed: %s",
+                self.image.path,
+                req_type,
+                sector,
+                exc,
+            )
+            status[0] = _S_IOERR
+        return chain.write_len
+
+    def _status_of_faulty(self, chain: DescriptorChain) -> memoryview:
+        """The status byte of a chain whose buffers did not all map."""
+        assert self.memory is not None
+        for addr, length, flags in reversed(chain.descriptors):
+            if flags & DescFlag.WRITE and length:
+                try:
+                    return self.memory.buffers(addr + length - 1, 1, True)[0]
+                except GuestMemoryError:
+                    break
+        raise DeviceError(f"request at head {chain.head} has no reachable status byte")
+
+    def _execute(
+        self,
+        req_type: int,
+        sector: int,
+        data_out: list[memoryview],
+        data_in: list[memoryview],
+        in_len: int,
+    ) -> int:
+        if req_type == _T_IN:
+            if self._range_bad(sector, in_len):
+                return _S_IOERR
+            self.image.readv(data_in, sector << SECTOR_SHIFT)
+            return _S_OK
+        if req_type in _WRITE_TYPES and self.read_only:
+            # §5.2.6.5: IOERR for a write when RO was offered, and no data written.
+            return _S_IOERR
+        if req_type == _T_OUT:
+            length = sum(len(b) for b in data_out)
+            if self._range_bad(sector, length):
+                return _S_IOERR
+            self.image.writev(data_out, sector << SECTOR_SHIFT, dsync=self._dsync)
+            return _S_OK
+        if req_type in (_T_FLUSH, _T_FLUSH_OUT):
+            self.image.flush()
+            return _S_OK
+        if req_type == _T_GET_ID:
+            return self._get_id(data_in)
+        if req_type in (_T_DISCARD, _T_WRITE_ZEROES):
+            return self._discard_or_zero(req_type, data_out)
+        return _S_UNSUPP
+
+    def _range_bad(self, sector: int, length: int) -> bool:
+        offset = sector << SECTOR_SHIFT
+        return bool(
+            (offset | length) & (self.logical_block_size - 1)
+            or offset + length > self.capacity_bytes
+        )
+
+    def _get_id(self, data_in: list[memoryview]) -> int:
+        answer = self.serial.ljust(ID_BYTES, b"\0")
+        pos = 0
+        for view in data_in:
+            n = min(len(view), ID_BYTES - pos)
+            view[:n] = answer[pos : pos + n]
+            pos += n
+            if pos == ID_BYTES:
+                break
+        return _S_OK
+
+    def _discard_or_zero(self, req_type: int, data_out: list[memoryview]) -> int:
+        feature = BlkFeature.DISCARD if req_type == _T_DISCARD else BlkFeature.WRITE_ZEROES
+        if not self.negotiated(feature):
+            return _S_UNSUPP
+        payload = b"".join(data_out)
+        count, rest = divmod(len(payload), DISCARD_SEGMENT.size)
+        if rest or not 0 < count <= MAX_DISCARD_SEG:
+            return _S_IOERR
+        segments = [
+            DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size) for i in range(count)
+        ]
+        allowed_flags = 0 if req_type == _T_DISCARD else WRITE_ZEROES_FLAG_UNMAP
+        for sector, num_sectors, flags in segments:
+            # §5.2.6.5: UNSUPP for unknown flags, and for unmap on a discard.
+            if flags & ~allowed_flags:
+                return _S_UNSUPP
+            if num_sectors > MAX_DISCARD_SECTORS or self._range_bad(sector, num_sectors << 9):
+                return _S_IOERR
+        for sector, num_sectors, flags in segments:
+            offset, length = sector << SECTOR_SHIFT, num_sectors << SECTOR_SHIFT
+            if req_type == _T_DISCARD:
+                self.image.discard(offset, length)
+            else:
+                self.image.write_zeroes(
+                    offset, length, unmap=bool(flags & WRITE_ZEROES_FLAG_UNMAP), dsync=self._dsync
+                )
+        return _S_OK

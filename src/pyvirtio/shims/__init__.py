@@ -1,0 +1,1 @@
+"""Shims: what connects a device to a hypervisor, a VMM, or an in-process driver."""

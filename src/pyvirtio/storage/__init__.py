@@ -1,0 +1,1 @@
+"""Where block devices keep their data."""

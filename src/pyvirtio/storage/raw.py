@@ -1,0 +1,271 @@
+"""A raw disk image: a regular file or a block device, read and written in place.
+
+Data moves with ``preadv``/``pwritev`` straight between the image and guest memory views: no
+bounce copies on the normal path. With O_DIRECT the kernel may refuse buffers or offsets that are
+not aligned to the image's logical block size; such requests go through an aligned bounce buffer.
+Discard punches holes (``fallocate`` or BLKDISCARD), write-zeroes uses ``fallocate`` zero-range
+(BLKZEROOUT) and falls back to writing zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# <linux/fs.h>
+BLKSSZGET = 0x1268
+BLKGETSIZE64 = 0x80081272
+BLKPBSZGET = 0x127B
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+#: Largest write of zeros issued at once when fallocate cannot zero a range.
+_ZERO_CHUNK = 1 << 20
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.ENODEV)
+
+
+class ImageError(Exception):
+    """The image cannot be opened or used as asked."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+Buffers = Sequence[memoryview]
+#: Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
+IOV_MAX = 1024
+
+
+def _chunks(buffers: Buffers, offset: int) -> Iterator[tuple[Buffers, int]]:
+    for i in range(0, len(buffers), IOV_MAX):
+        chunk = buffers[i : i + IOV_MAX]
+        yield chunk, offset
+        offset += sum(len(b) for b in chunk)
+
+
+class RawImage:
+    """An open raw image. Offsets and lengths are in bytes."""
+
+    def __init__(self, path: str, *, read_only: bool = False, direct: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.direct = direct
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        flags |= os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise ImageError(f"cannot open image {path!r}: {exc.strerror}") from None
+        st = os.fstat(self.fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        if not self.is_block_device and not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise ImageError(f"image {path!r} is neither a regular file nor a block device")
+        self.logical_block_size = 512
+        self.physical_block_size = max(512, st.st_blksize)
+        if self.is_block_device:
+            self.logical_block_size = self._ioctl_int(BLKSSZGET, "i")
+            self.physical_block_size = self._ioctl_int(BLKPBSZGET, "I")
+        elif direct:
+            # Regular files on O_DIRECT: the file system's block size is a safe alignment.
+            self.logical_block_size = max(512, os.fstatvfs(self.fd).f_bsize)
+        self.size = self.query_size()
+        self.can_punch_holes = not read_only
+        self.can_zero_range = not read_only
+        self._bounce_lock = threading.Lock()
+
+    def _ioctl_int(self, request: int, fmt: str) -> int:
+        buf = bytearray(struct.calcsize(fmt))
+        fcntl.ioctl(self.fd, request, buf)
+        value: int = struct.unpack(fmt, buf)[0]
+        return value
+
+    def query_size(self) -> int:
+        """The image's current size in bytes (it may have been resized underneath us)."""
+        if self.is_block_device:
+            return self._ioctl_int(BLKGETSIZE64, "Q")
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def readv(self, buffers: Buffers, offset: int) -> None:
+        """Fill ``buffers`` from ``offset``; reads past the end of the image raise OSError."""
+        if len(buffers) > IOV_MAX:
+            for chunk, pos in _chunks(buffers, offset):
+                self.readv(chunk, pos)
+            return
+        total = sum(len(b) for b in buffers)
+        try:
+            done = os.preadv(self.fd, buffers, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self.direct:
+                raise
+            self._bounce_read(buffers, offset, total)
+            return
+        if done != total:
+            self._finish_short(buffers, offset, done, write=False)
+
+    def writev(self, buffers: Buffers, offset: int, *, dsync: bool = False) -> None:
+        """Write ``buffers`` at ``offset``; with ``dsync`` the data is durable on return."""
+        if len(buffers) > IOV_MAX:
+            for chunk, pos in _chunks(buffers, offset):
+                self.writev(chunk, pos, dsync=dsync)
+            return
+        total = sum(len(b) for b in buffers)
+        flags = os.RWF_DSYNC if dsync else 0
+        try:
+            done = os.pwritev(self.fd, buffers, offset, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self.direct:
+                raise
+            self._bounce_write(buffers, offset, total, dsync)
+            return
+        if done != total:
+            self._finish_short(buffers, offset, done, write=True, dsync=dsync)
+
+    def _finish_short(
+        self, buffers: Buffers, offset: int, done: int, *, write: bool, dsync: bool = False
+    ) -> None:
+        """Continue a short transfer; a read that hits end of file fails with EIO."""
+        rest: list[memoryview] = []
+        skip = done
+        for b in buffers:
+            if skip >= len(b):
+                skip -= len(b)
+                continue
+            rest.append(b[skip:])
+            skip = 0
+        pos = offset + done
+        while rest:
+            if write:
+                n = os.pwritev(self.fd, rest, pos, os.RWF_DSYNC if dsync else 0)
+            else:
+                n = os.preadv(self.fd, rest, pos)
+            if n == 0:
+                raise OSError(errno.EIO, "short transfer at end of image")
+            pos += n
+            while rest and n >= len(rest[0]):
+                n -= len(rest[0])
+                rest.pop(0)
+            if rest and n:
+                rest[0] = rest[0][n:]
+
+    def _aligned_span(self, offset: int, total: int) -> tuple[int, int]:
+        bs = self.logical_block_size
+        start = offset - offset % bs
+        end = -(-(offset + total) // bs) * bs
+        return start, end - start
+
+    def _bounce_read(self, buffers: Buffers, offset: int, total: int) -> None:
+        start, length = self._aligned_span(offset, total)
+        with mmap.mmap(-1, length) as bounce:
+            n = os.preadv(self.fd, [bounce], start)
+            if n < offset - start + total:
+                raise OSError(errno.EIO, "short read at end of image")
+            pos = offset - start
+            for b in buffers:
+                b[:] = bounce[pos : pos + len(b)]
+                pos += len(b)
+
+    def _bounce_write(self, buffers: Buffers, offset: int, total: int, dsync: bool) -> None:
+        start, length = self._aligned_span(offset, total)
+        # Read-modify-write of partial blocks must not interleave with another one.
+        with self._bounce_lock, mmap.mmap(-1, length) as bounce:
+            if start != offset or length != total:
+                os.preadv(self.fd, [bounce], start)
+            pos = offset - start
+            for b in buffers:
+                bounce[pos : pos + len(b)] = b
+                pos += len(b)
+            n = os.pwritev(self.fd, [bounce], start, os.RWF_DSYNC if dsync else 0)
+            if n != length:
+                raise OSError(errno.EIO, "short write")
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    # -- discard and write-zeroes --------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; its contents become unspecified (zeros on files)."""
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+            return
+        if not self.can_punch_holes:
+            return  # discard is a hint; nothing to do where holes are not supported
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            log.info("%s: file system cannot punch holes; discard becomes a no-op", self.path)
+            self.can_punch_holes = False
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool, dsync: bool = False) -> None:
+        """Make a range read back as zeros, deallocating it if ``unmap`` allows."""
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+        elif unmap and self.can_punch_holes:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self.can_punch_holes = False
+                self.write_zeroes(offset, length, unmap=False, dsync=dsync)
+                return
+        elif self.can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self.can_zero_range = False
+                self._write_zero_bytes(offset, length, dsync)
+                return
+        else:
+            self._write_zero_bytes(offset, length, dsync)
+            return
+        if dsync:
+            os.fdatasync(self.fd)
+
+    def _write_zero_bytes(self, offset: int, length: int, dsync: bool) -> None:
+        with mmap.mmap(-1, min(length, _ZERO_CHUNK)) as zeros:
+            view = memoryview(zeros)
+            try:
+                while length:
+                    n = min(length, len(zeros))
+                    self.writev([view[:n]], offset, dsync=dsync)
+                    offset += n
+                    length -= n
+            finally:
+                view.release()

@@ -1,0 +1,1 @@
+"""Virtqueues, device side."""

@@ -1,0 +1,305 @@
+"""The device side of a split virtqueue (VIRTIO 1.2 §2.7).
+
+A :class:`SplitQueue` is configured by a transport (size and the three area addresses), activated
+on guest memory, and then :meth:`SplitQueue.pop` hands out :class:`DescriptorChain` objects and
+:meth:`SplitQueue.push` / :meth:`SplitQueue.publish` return them through the used ring.
+
+Everything read from the rings is untrusted. Chains are walked from a snapshot of each descriptor,
+bounded by the queue size, and checked against §2.7.5.3 and §2.7.4. Breaking those rules makes
+:meth:`pop` raise :class:`VirtqueueError`, after which the device must be reset. Buffers that are
+well formed but point outside guest memory do not raise: the chain carries a ``fault`` and the
+device completes it with an error of its own kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyvirtio.memory.barrier import acquire_fence, full_fence, release_fence
+from pyvirtio.memory.guest import GuestMemory, GuestMemoryError
+from pyvirtio.spec import ring
+from pyvirtio.spec.ring import DESC, DESC_SIZE, DescFlag
+
+_NEXT = int(DescFlag.NEXT)
+_WRITE = int(DescFlag.WRITE)
+_INDIRECT = int(DescFlag.INDIRECT)
+_U32_MAX = 0xFFFFFFFF
+
+
+class VirtqueueError(Exception):
+    """The driver broke the virtqueue rules; the device needs a reset (§2.1.2)."""
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One available buffer: the descriptors of a chain, mapped into host views.
+
+    ``readable`` and ``writable`` are the device-readable and device-writable parts in chain
+    order; ``read_len`` and ``write_len`` their sizes in bytes. ``descriptors`` keeps the raw
+    (addr, len, flags) triples, indirect tables flattened. If mapping a buffer failed, ``fault``
+    says why and the views are incomplete (the lengths still count every descriptor).
+    """
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+    read_len: int = 0
+    write_len: int = 0
+    descriptors: list[tuple[int, int, int]] = field(default_factory=list)
+    fault: str | None = None
+
+
+class SplitQueue:
+    """One virtqueue, device side."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        if not 0 < max_size <= ring.MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state after device reset (§2.7: all fields zero, size = max)."""
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.event_idx = False
+        self.indirect = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self._signalled_used = 0
+        self._shadow_avail_idx = 0
+        self._memory: GuestMemory | None = None
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None  # le16 view: flags, idx, ring[size], used_event
+        self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
+        self._used32: memoryview | None = None  # le32 view: flags|idx, (id, len) * size, ...
+
+    @property
+    def active(self) -> bool:
+        return self._memory is not None
+
+    def activate(
+        self,
+        memory: GuestMemory,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        """Map the rings and start using them; raises VirtqueueError for a bad layout.
+
+        ``last_avail_idx`` lets vhost-user's SET_VRING_BASE resume a ring; ``used_idx`` defaults
+        to the value in guest memory for a resumed ring and to ``last_avail_idx`` otherwise.
+        """
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            raise VirtqueueError(f"queue {self.index}: bad size {size}")
+        for name, addr, align in (
+            ("descriptor table", self.desc_addr, ring.DESC_ALIGN),
+            ("available ring", self.avail_addr, ring.AVAIL_ALIGN),
+            ("used ring", self.used_addr, ring.USED_ALIGN),
+        ):
+            if addr % align:
+                raise VirtqueueError(f"queue {self.index}: {name} at {addr:#x} is misaligned")
+        try:
+            self._desc = memory.ring(self.desc_addr, ring.desc_table_size(size))
+            avail = memory.ring(self.avail_addr, ring.avail_ring_size(size))
+            used = memory.ring(self.used_addr, ring.used_ring_size(size))
+        except GuestMemoryError as exc:
+            raise VirtqueueError(f"queue {self.index}: {exc}") from None
+        self._avail = avail.cast("H")
+        self._used16 = used.cast("H")
+        self._used32 = used[: 4 + ring.USED_ELEM_SIZE * size].cast("I")
+        self._memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self._shadow_avail_idx = self.last_avail_idx
+        self.used_idx = self.last_avail_idx if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used = self.used_idx
+
+    def deactivate(self) -> None:
+        """Stop using the rings (vhost-user GET_VRING_BASE); the configuration is kept."""
+        for view in (self._avail, self._used16, self._used32, self._desc):
+            if view is not None:
+                view.release()
+        self._avail = self._used16 = self._used32 = self._desc = None
+        self._memory = None
+
+    # -- available ring ------------------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        """The driver's avail->idx, read with acquire ordering (§2.7.13.3)."""
+        assert self._avail is not None
+        idx = self._avail[1]
+        acquire_fence()
+        return idx
+
+    def has_available(self) -> bool:
+        if self._shadow_avail_idx != self.last_avail_idx:
+            return True
+        self._shadow_avail_idx = self.avail_idx()
+        return self._shadow_avail_idx != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None; raises VirtqueueError on a rule violation."""
+        avail = self._avail
+        if avail is None:
+            return None
+        last = self.last_avail_idx
+        if self._shadow_avail_idx == last:
+            self._shadow_avail_idx = self.avail_idx()
+            if self._shadow_avail_idx == last:
+                return None
+            if (self._shadow_avail_idx - last) & 0xFFFF > self.size:
+                raise VirtqueueError(
+                    f"queue {self.index}: avail idx {self._shadow_avail_idx} is more than "
+                    f"{self.size} ahead of {last}"
+                )
+        head = avail[2 + (last & (self.size - 1))]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        size = self.size
+        if head >= size:
+            raise VirtqueueError(f"queue {self.index}: head index {head} >= queue size {size}")
+        table = self._desc
+        memory = self._memory
+        assert table is not None and memory is not None
+        chain = DescriptorChain(head)
+        descriptors = chain.descriptors
+        i = head
+        limit = size  # §2.7.5.3.1: a chain is no longer than the queue (or its indirect table)
+        indirect_table: memoryview | None = None
+        seen_write = False
+        total = 0
+        while True:
+            if limit == 0:
+                raise VirtqueueError(
+                    f"queue {self.index}: chain from head {head} loops or is too long"
+                )
+            limit -= 1
+            addr, length, flags, nxt = DESC.unpack_from(table, i * DESC_SIZE)
+            if flags & _INDIRECT:
+                if indirect_table is not None:
+                    raise VirtqueueError(
+                        f"queue {self.index}: indirect descriptor inside an indirect table"
+                    )
+                if not self.indirect:
+                    raise VirtqueueError(f"queue {self.index}: INDIRECT_DESC was not negotiated")
+                if flags & _NEXT:
+                    raise VirtqueueError(
+                        f"queue {self.index}: descriptor has both INDIRECT and NEXT"
+                    )
+                if length == 0 or length % DESC_SIZE:
+                    raise VirtqueueError(
+                        f"queue {self.index}: indirect table length {length} is not k * 16"
+                    )
+                count = length // DESC_SIZE
+                if count > size:
+                    raise VirtqueueError(
+                        f"queue {self.index}: indirect table of {count} entries exceeds queue size"
+                    )
+                try:
+                    views = memory.buffers(addr, length, False)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"queue {self.index}: indirect table: {exc}") from None
+                # Each entry is read once (unpack_from copies it), so a racing guest cannot
+                # make the walk see two versions of one descriptor.
+                indirect_table = views[0] if len(views) == 1 else memoryview(b"".join(views))
+                table = indirect_table
+                size = count
+                limit = count
+                i = 0
+                continue
+            if flags & _WRITE:
+                seen_write = True
+            elif seen_write:
+                raise VirtqueueError(
+                    f"queue {self.index}: readable descriptor after a writable one"
+                )
+            total += length
+            if total > _U32_MAX:
+                raise VirtqueueError(f"queue {self.index}: chain from head {head} exceeds 4 GiB")
+            descriptors.append((addr, length, flags))
+            if not flags & _NEXT:
+                break
+            if nxt >= size:
+                raise VirtqueueError(f"queue {self.index}: next index {nxt} out of range {size}")
+            i = nxt
+        for addr, length, flags in descriptors:
+            if length == 0:
+                continue
+            writable = bool(flags & _WRITE)
+            if writable:
+                chain.write_len += length
+            else:
+                chain.read_len += length
+            try:
+                views = memory.buffers(addr, length, writable)
+            except GuestMemoryError as exc:
+                chain.fault = str(exc)
+                continue
+            if writable:
+                chain.writable += views
+            else:
+                chain.readable += views
+        return chain
+
+    # -- used ring -----------------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Put a used element in the ring; the driver sees it after :meth:`publish`."""
+        used32 = self._used32
+        assert used32 is not None
+        slot = 1 + 2 * (self.used_idx & (self.size - 1))
+        used32[slot] = head
+        used32[slot + 1] = written
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> bool:
+        """Make pushed elements visible and say whether the driver wants an interrupt.
+
+        §2.7.13.3: the used elements must be visible before used->idx; §2.7.7.2: with EVENT_IDX
+        the device reads used_event after publishing used->idx (a store-load order: full fence).
+        """
+        used16 = self._used16
+        avail = self._avail
+        assert used16 is not None and avail is not None
+        new = self.used_idx
+        old = self._signalled_used
+        if new == old:
+            return False
+        release_fence()
+        used16[1] = new
+        full_fence()
+        self._signalled_used = new
+        if self.event_idx:
+            return ring.need_event(avail[2 + self.size], new, old)
+        return not avail[0] & ring.AvailFlag.NO_INTERRUPT
+
+    # -- driver notifications (kicks) ----------------------------------------------------------
+
+    def disable_notifications(self) -> None:
+        """Tell the driver it need not kick while the device is draining the ring (§2.7.10)."""
+        if not self.event_idx:
+            used16 = self._used16
+            assert used16 is not None
+            used16[0] = ring.UsedFlag.NO_NOTIFY
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (drain again)."""
+        used16 = self._used16
+        assert used16 is not None
+        if self.event_idx:
+            used16[2 + 4 * self.size] = self.last_avail_idx
+        else:
+            used16[0] = 0
+        full_fence()
+        return self.has_available()
