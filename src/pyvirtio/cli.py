@@ -1,24 +1,234 @@
-"""Command line: ``pyvirtio SUBCOMMAND``."""
+"""Command line: ``pyvirtio blk`` (a vhost-user-blk back-end) and friends.
+
+Errors in arguments, images or sockets are reported as one line on stderr with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
+import socket
 import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+from pyvirtio import __version__
+
+log = logging.getLogger("pyvirtio")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _power_of_two(low: int, high: int) -> type[int]:
+    def check(text: str) -> int:
+        value = _positive(text)
+        if value & (value - 1) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not a power of two in {low}..{high}")
+        return value
+
+    return check  # type: ignore[return-value]
+
+
+def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "blk",
+        help="serve a virtio-blk device over vhost-user",
+        description=(
+            "Serve a raw image or block device as a vhost-user-blk device. QEMU connects with "
+            "-chardev socket,id=c0,path=PATH -device vhost-user-blk-pci,chardev=c0 (or "
+            "vhost-user-blk on virtio-mmio machines); guest RAM must be shared "
+            "(memory-backend-memfd,share=on). When a front-end disconnects the daemon waits "
+            "for the next one with a fresh device. SIGTERM or SIGINT stop it after in-flight "
+            "requests complete and the image is flushed."
+        ),
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket-path", metavar="PATH", help="UNIX socket to listen on (created with mode 0600)"
+    )
+    where.add_argument(
+        "--fd",
+        type=int,
+        metavar="N",
+        help="an already listening socket (e.g. from systemd socket activation)",
+    )
+    p.add_argument(
+        "--image", "--blk-file", dest="image", metavar="FILE", help="raw image file or block device"
+    )
+    p.add_argument(
+        "--read-only", action="store_true", help="refuse writes (offers VIRTIO_BLK_F_RO)"
+    )
+    p.add_argument(
+        "--num-queues",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="request queues (default 1; QEMU's num-queues must not exceed it)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=_power_of_two(4, 32768),
+        default=128,
+        metavar="N",
+        help="descriptors per queue, a power of two (default 128, as QEMU's "
+        "queue-size); seg_max is this minus 2",
+    )
+    p.add_argument(
+        "--logical-block-size",
+        type=_power_of_two(512, 65536),
+        metavar="N",
+        help="logical block size in bytes (default 512, or the device's)",
+    )
+    p.add_argument(
+        "--serial",
+        default="",
+        metavar="ID",
+        help="device ID returned by GET_ID (up to 20 bytes; default empty)",
+    )
+    p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    p.add_argument(
+        "--writethrough",
+        action="store_true",
+        help="start in writethrough mode: every write is durable before it "
+        "completes (the guest may switch with CONFIG_WCE)",
+    )
+    p.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the vhost-user back-end capabilities as JSON and exit",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v: info, -vv: debug)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pyvirtio",
-        description="VirtIO device backends in Python.",
-    )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="pyvirtio", description="VirtIO device backends in Python.")
+    parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_blk_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="pyvirtio[%(process)d] %(levelname)s %(name)s: %(message)s"
+    )
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise _Shutdown(signal.Signals(signum).name)
+
+
+def run_blk(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
+        return 0
+    if args.image is None:
+        raise UsageError("--image is required")
+    if args.socket_path is None and args.fd is None:
+        raise UsageError("one of --socket-path or --fd is required")
+    _setup_logging(args.verbose)
+
+    from pyvirtio.devices.blk import BlkDevice
+    from pyvirtio.shims.vhost_user.server import SocketError, VhostUserServer, listening_socket
+    from pyvirtio.storage.raw import ImageError, RawImage
+
+    try:
+        image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
+    except ImageError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        device = BlkDevice(
+            image,
+            num_queues=args.num_queues,
+            queue_size=args.queue_size,
+            logical_block_size=args.logical_block_size,
+            serial=args.serial,
+            writethrough=args.writethrough,
+        )
+    except ValueError as exc:
+        image.close()
+        raise UsageError(str(exc)) from None
+    if device.capacity_bytes == 0:
+        image.close()
+        raise UsageError(f"image {args.image!r} is smaller than one logical block")
+
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
+    server: VhostUserServer | None = None
+    try:
+        if args.fd is not None:
+            try:
+                listener = socket.socket(fileno=args.fd)
+            except OSError as exc:
+                raise UsageError(f"--fd {args.fd}: {exc.strerror}") from None
+            if listener.family != socket.AF_UNIX:
+                raise UsageError(f"--fd {args.fd} is not a UNIX socket")
+            server = VhostUserServer(device, listener)
+            log.info("serving %s on fd %d", args.image, args.fd)
+            server.serve_forever()
+        else:
+            try:
+                with listening_socket(args.socket_path) as listener:
+                    server = VhostUserServer(device, listener)
+                    log.info("serving %s on %s", args.image, args.socket_path)
+                    server.serve_forever()
+            except SocketError as exc:
+                raise UsageError(str(exc)) from None
+    except _Shutdown as why:
+        log.info("%s: shutting down", why)
+    finally:
+        if server is not None:
+            server.stop()
+            if server.backend is not None:
+                server.backend.close()
+        if not image.read_only:
+            try:
+                image.flush()
+            except OSError as exc:
+                log.error("final flush failed: %s", exc)
+        image.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    try:
+        if args.command == "blk":
+            return run_blk(args)
+    except UsageError as exc:
+        print(f"pyvirtio {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    raise AssertionError(args.command)

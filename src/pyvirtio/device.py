@@ -98,6 +98,9 @@ class VirtioDevice:
     def on_reset(self) -> None:
         """Called on device reset, after the queues were reset."""
 
+    def housekeeping(self) -> None:
+        """Called about once a second by a shim: look for host-side changes."""
+
     # -- features and status -------------------------------------------------------------------
 
     def set_driver_features(self, features: int) -> None:
@@ -151,7 +154,7 @@ class VirtioDevice:
                     return
         self.on_activate()
 
-    def start_queue(self, index: int, last_avail_idx: int = 0, used_idx: int | None = None) -> None:
+    def start_queue(self, index: int, last_avail_idx: int = 0, used_idx: int | None = 0) -> None:
         """Map queue ``index``'s rings and start using them (raises VirtqueueError)."""
         assert self.memory is not None
         self.queues[index].activate(

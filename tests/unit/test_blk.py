@@ -50,7 +50,7 @@ def test_config_reports_geometry_and_limits(make_blk: Callable[..., Blk]) -> Non
     assert cfg.discard_sector_alignment == 8
     assert cfg.max_discard_seg >= 1 and cfg.max_write_zeroes_seg >= 1
     assert cfg.write_zeroes_may_unmap == 1
-    features = blk.driver.mmio.features
+    features = blk.driver.transport.features
     for f in (
         BlkFeature.SIZE_MAX,
         BlkFeature.SEG_MAX,
@@ -127,7 +127,7 @@ def test_direct_and_indirect_chains(blk: Blk, indirect: bool) -> None:
 
 def test_header_and_data_in_one_descriptor(blk: Blk) -> None:
     """ANY_LAYOUT (implied by VERSION_1): the header may share a descriptor with data."""
-    mmio = blk.driver.mmio
+    mmio = blk.driver.transport
     q = mmio.queues[0]
     data = os.urandom(1024)
     buf = mmio.allocator.alloc(16 + len(data))
@@ -141,7 +141,7 @@ def test_header_and_data_in_one_descriptor(blk: Blk) -> None:
 
 
 def test_status_sharing_a_descriptor_with_read_data(blk: Blk) -> None:
-    mmio = blk.driver.mmio
+    mmio = blk.driver.transport
     q = mmio.queues[0]
     host_write(blk, 0, b"A" * 512)
     hdr = mmio.allocator.alloc(16)
@@ -169,7 +169,7 @@ def test_many_requests_in_flight(make_blk: Callable[..., Blk]) -> None:
         drv.submit(BlkRequestType.OUT, i * 8, data_out=bytes([i]) * 4096, kick=False)
         for i in range(32)
     ]
-    drv.mmio.notify(0)
+    drv.transport.notify(0)
     drv.wait(reqs)
     assert all(r.status == BlkStatus.OK for r in reqs)
     assert [drv.read(i * 8, 4096)[0] for i in range(32)] == list(range(32))
@@ -208,7 +208,7 @@ def test_config_wce_switches_between_writeback_and_writethrough(
     seen = _record_dsync(blk, monkeypatch)
     blk.driver.write(0, b"a" * 512)
     blk.driver.set_writeback(False)
-    assert blk.driver.config.__class__.unpack(blk.driver.mmio.read_config_bytes(96)).writeback == 0
+    assert blk.driver.config.__class__.unpack(blk.driver.transport.read_config_bytes(96)).writeback == 0
     blk.driver.write(0, b"b" * 512)
     blk.driver.set_writeback(True)
     blk.driver.write(0, b"c" * 512)
@@ -332,14 +332,14 @@ def test_legacy_barrier_bit_is_ignored(blk: Blk) -> None:
 
 
 def _raw_request(blk: Blk, out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> list:  # type: ignore[type-arg]
-    q = blk.driver.mmio.queues[0]
+    q = blk.driver.transport.queues[0]
     q.add(out, in_, "raw", indirect=False)
-    blk.driver.mmio.notify(0)
+    blk.driver.transport.notify(0)
     return q.get_used()
 
 
 def test_header_too_short_is_ioerr(blk: Blk) -> None:
-    mem, alloc = blk.driver.mmio.memory, blk.driver.mmio.allocator
+    mem, alloc = blk.driver.transport.memory, blk.driver.transport.allocator
     hdr = alloc.alloc(8)
     mem.write(hdr, b"\0" * 8)
     status = alloc.alloc(1)
@@ -349,16 +349,16 @@ def test_header_too_short_is_ioerr(blk: Blk) -> None:
 
 
 def test_missing_status_byte_needs_reset(blk: Blk) -> None:
-    mem, alloc = blk.driver.mmio.memory, blk.driver.mmio.allocator
+    mem, alloc = blk.driver.transport.memory, blk.driver.transport.allocator
     hdr = alloc.alloc(16)
     mem.write(hdr, REQ_HEADER.pack(BlkRequestType.FLUSH, 0, 0))
     _raw_request(blk, [(hdr, 16)], [])
-    assert blk.driver.mmio.status & DeviceStatus.NEEDS_RESET
+    assert blk.driver.transport.status & DeviceStatus.NEEDS_RESET
     assert blk.machine.transport.interrupt_status & Interrupt.CONFIG
 
 
 def test_buffer_outside_guest_memory_is_ioerr(blk: Blk) -> None:
-    mem, alloc = blk.driver.mmio.memory, blk.driver.mmio.allocator
+    mem, alloc = blk.driver.transport.memory, blk.driver.transport.allocator
     hdr = alloc.alloc(16)
     mem.write(hdr, REQ_HEADER.pack(BlkRequestType.IN, 0, 0))
     status = alloc.alloc(1)
@@ -366,20 +366,20 @@ def test_buffer_outside_guest_memory_is_ioerr(blk: Blk) -> None:
     used = _raw_request(blk, [(hdr, 16)], [(beyond, 512), (status, 1)])
     assert used == [("raw", 513)]
     assert mem.read(status, 1) == bytes([BlkStatus.IOERR])
-    assert not blk.driver.mmio.status & DeviceStatus.NEEDS_RESET
+    assert not blk.driver.transport.status & DeviceStatus.NEEDS_RESET
     assert blk.driver.read(0, 512) == bytes(512)
 
 
 def test_status_outside_guest_memory_needs_reset(blk: Blk) -> None:
-    mem, alloc = blk.driver.mmio.memory, blk.driver.mmio.allocator
+    mem, alloc = blk.driver.transport.memory, blk.driver.transport.allocator
     hdr = alloc.alloc(16)
     mem.write(hdr, REQ_HEADER.pack(BlkRequestType.IN, 0, 0))
     _raw_request(blk, [(hdr, 16)], [(0x1000, 1)])
-    assert blk.driver.mmio.status & DeviceStatus.NEEDS_RESET
+    assert blk.driver.transport.status & DeviceStatus.NEEDS_RESET
 
 
 def test_header_in_a_device_writable_descriptor_is_ioerr(blk: Blk) -> None:
-    mem, alloc = blk.driver.mmio.memory, blk.driver.mmio.allocator
+    mem, alloc = blk.driver.transport.memory, blk.driver.transport.allocator
     buf = alloc.alloc(17)
     mem.write(buf, REQ_HEADER.pack(BlkRequestType.OUT, 0, 0) + b"\xff")
     assert _raw_request(blk, [], [(buf, 17)]) == [("raw", 17)]
@@ -406,7 +406,7 @@ def test_resize_raises_config_interrupt_and_new_capacity(blk: Blk) -> None:
     os.truncate(blk.path, IMAGE_SIZE * 2)
     assert blk.device.refresh_capacity()
     assert not blk.device.refresh_capacity()
-    assert drv.mmio.ack_interrupt() & Interrupt.CONFIG
+    assert drv.transport.ack_interrupt() & Interrupt.CONFIG
     assert blk.machine.read(Reg.CONFIG_GENERATION, 4) != generation
     assert drv.capacity == IMAGE_SIZE * 2 // 512
     drv.write(IMAGE_SIZE // 512 + 8, b"z" * 512)
@@ -414,7 +414,7 @@ def test_resize_raises_config_interrupt_and_new_capacity(blk: Blk) -> None:
 
 
 def test_features_not_offered_are_refused_at_features_ok(blk: Blk) -> None:
-    mmio = blk.driver.mmio
+    mmio = blk.driver.transport
     mmio.reset()
     mmio.add_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
     mmio.write_driver_features(bit(Feature.VERSION_1) | bit(BlkFeature.GEOMETRY))
@@ -423,7 +423,7 @@ def test_features_not_offered_are_refused_at_features_ok(blk: Blk) -> None:
 
 
 def test_modern_device_refuses_driver_without_version_1(blk: Blk) -> None:
-    mmio = blk.driver.mmio
+    mmio = blk.driver.transport
     mmio.reset()
     mmio.add_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
     mmio.write_driver_features(bit(BlkFeature.FLUSH))
@@ -440,7 +440,7 @@ def test_reset_and_reinitialise(blk: Blk) -> None:
 
 def test_segment_descriptor_flags_are_what_linux_sends(blk: Blk) -> None:
     """A sanity check on the driver itself: header readable, data and status writable."""
-    q = blk.driver.mmio.queues[0]
+    q = blk.driver.transport.queues[0]
     req = blk.driver.submit(BlkRequestType.IN, 0, in_len=512, indirect=False, kick=False)
     head = next(iter(q._pending))
     flags = []
@@ -452,5 +452,5 @@ def test_segment_descriptor_flags_are_what_linux_sends(blk: Blk) -> None:
             break
         i = nxt
     assert [f & DescFlag.WRITE for f in flags] == [0, DescFlag.WRITE, DescFlag.WRITE]
-    blk.driver.mmio.notify(0)
+    blk.driver.transport.notify(0)
     blk.driver.wait([req])

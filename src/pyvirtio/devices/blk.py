@@ -193,6 +193,9 @@ class BlkDevice(VirtioDevice):
         self._writeback = self._default_writeback
         self._config = self._build_config()
 
+    def housekeeping(self) -> None:
+        self.refresh_capacity()
+
     def refresh_capacity(self) -> bool:
         """Re-read the image size; on a change update capacity and notify (§5.2.6.5)."""
         size = self._usable_size(self.image.query_size())

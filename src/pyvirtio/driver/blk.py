@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyvirtio.driver.mmio import DriverError, MmioDriver
+from pyvirtio.driver.mmio import DriverError
+from pyvirtio.driver.transport import DriverTransport
 from pyvirtio.spec.blk import (
     DISCARD_SEGMENT,
     ID_BYTES,
@@ -60,11 +61,11 @@ class BlkRequest:
 
 
 class BlkDriver:
-    """virtio-blk on an :class:`MmioDriver`."""
+    """virtio-blk on any driver transport (virtio-mmio, vhost-user)."""
 
     def __init__(
         self,
-        mmio: MmioDriver,
+        transport: DriverTransport,
         *,
         features: int = DRIVER_FEATURES,
         num_queues: int | None = None,
@@ -72,32 +73,32 @@ class BlkDriver:
         segment_size: int = 4096,
         wait: Callable[[float], bool] | None = None,
     ) -> None:
-        if mmio.device_id != DeviceId.BLOCK:
-            raise DriverError(f"device id {mmio.device_id} is not a block device")
-        self.mmio = mmio
+        if transport.device_id != DeviceId.BLOCK:
+            raise DriverError(f"device id {transport.device_id} is not a block device")
+        self.transport = transport
         self.segment_size = segment_size
         self._wait = wait
-        mmio.negotiate(features)
-        self.config = BlkConfig.unpack(mmio.read_config_bytes(96))
-        available = self.config.num_queues if mmio.has(BlkFeature.MQ) else 1
+        transport.negotiate(features)
+        self.config = BlkConfig.unpack(transport.read_config_bytes(96))
+        available = self.config.num_queues if transport.has(BlkFeature.MQ) else 1
         count = min(num_queues or available, available)
-        mmio.setup_queues(count, [queue_size] * count if queue_size else None)
-        mmio.driver_ok()
-        self.queues = mmio.queues
+        transport.setup_queues(count, [queue_size] * count if queue_size else None)
+        transport.driver_ok()
+        self.queues = transport.queues
 
     @property
     def capacity(self) -> int:
         """Capacity in 512-byte sectors, re-read from the config space."""
-        value: int = struct.unpack("<Q", self.mmio.read_config_bytes(8))[0]
+        value: int = struct.unpack("<Q", self.transport.read_config_bytes(8))[0]
         return value
 
     # -- building requests ---------------------------------------------------------------------
 
     def _alloc(self, req: BlkRequest, size: int, data: bytes | None = None) -> int:
-        addr = self.mmio.allocator.alloc(size, 8)
+        addr = self.transport.allocator.alloc(size, 8)
         req.buffers.append((addr, size))
         if data is not None:
-            self.mmio.memory.write(addr, data)
+            self.transport.memory.write(addr, data)
         return addr
 
     def _segments(self, req: BlkRequest, length: int, data: bytes | None) -> list[tuple[int, int]]:
@@ -127,16 +128,16 @@ class BlkDriver:
         req.status_addr = self._alloc(req, 1, b"\xff")
         self.queues[queue].add(out, [*req.data_in, (req.status_addr, 1)], req, indirect)
         if kick:
-            self.mmio.kick(queue)
+            self.transport.kick(queue)
         return req
 
     def _complete(self, req: BlkRequest, written: int) -> None:
-        memory = self.mmio.memory
+        memory = self.transport.memory
         req.status = memory.read(req.status_addr, 1)[0]
         req.written = written
         req.data = b"".join(memory.read(a, n) for a, n in req.data_in)
         for addr, size in req.buffers:
-            self.mmio.allocator.free(addr, size)
+            self.transport.allocator.free(addr, size)
         req.done = True
 
     def poll(self, queue: int = 0) -> list[BlkRequest]:
@@ -173,14 +174,15 @@ class BlkDriver:
     @property
     def max_request_bytes(self) -> int:
         """Largest data transfer in one request, as the block layer splits at seg_max."""
-        segs = self.config.seg_max if self.mmio.has(BlkFeature.SEG_MAX) else 1
+        segs = self.config.seg_max if self.transport.has(BlkFeature.SEG_MAX) else 1
         return max(1, segs) * self.segment_size
 
     def read(self, sector: int, length: int, queue: int = 0) -> bytes:
         step = self.max_request_bytes
         reqs = [
-            self.submit(BlkRequestType.IN, sector + pos // 512, in_len=min(step, length - pos),
-                        queue=queue)
+            self.submit(
+                BlkRequestType.IN, sector + pos // 512, in_len=min(step, length - pos), queue=queue
+            )
             for pos in range(0, length, step)
         ]
         self.wait(reqs)
@@ -191,8 +193,12 @@ class BlkDriver:
     def write(self, sector: int, data: bytes, queue: int = 0) -> None:
         step = self.max_request_bytes
         reqs = [
-            self.submit(BlkRequestType.OUT, sector + pos // 512, data_out=data[pos : pos + step],
-                        queue=queue)
+            self.submit(
+                BlkRequestType.OUT,
+                sector + pos // 512,
+                data_out=data[pos : pos + step],
+                queue=queue,
+            )
             for pos in range(0, len(data), step)
         ]
         self.wait(reqs)
@@ -216,7 +222,7 @@ class BlkDriver:
         return req.status
 
     def set_writeback(self, on: bool) -> None:
-        self.mmio.write_config(WRITEBACK_OFFSET, 1, int(on))
+        self.transport.write_config(WRITEBACK_OFFSET, 1, int(on))
 
 
 class BlkRequestError(Exception):

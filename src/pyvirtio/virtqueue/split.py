@@ -89,12 +89,12 @@ class SplitQueue:
         event_idx: bool,
         indirect: bool,
         last_avail_idx: int = 0,
-        used_idx: int | None = None,
+        used_idx: int | None = 0,
     ) -> None:
         """Map the rings and start using them; raises VirtqueueError for a bad layout.
 
-        ``last_avail_idx`` lets vhost-user's SET_VRING_BASE resume a ring; ``used_idx`` defaults
-        to the value in guest memory for a resumed ring and to ``last_avail_idx`` otherwise.
+        ``last_avail_idx`` lets vhost-user's SET_VRING_BASE resume a ring; ``used_idx=None``
+        resumes the used ring where guest memory says it is (a ring that ran before).
         """
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
@@ -120,7 +120,7 @@ class SplitQueue:
         self.indirect = indirect
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self._shadow_avail_idx = self.last_avail_idx
-        self.used_idx = self.last_avail_idx if used_idx is None else used_idx & 0xFFFF
+        self.used_idx = self._used16[1] if used_idx is None else used_idx & 0xFFFF
         self._signalled_used = self.used_idx
 
     def deactivate(self) -> None:
