@@ -208,7 +208,10 @@ def test_config_wce_switches_between_writeback_and_writethrough(
     seen = _record_dsync(blk, monkeypatch)
     blk.driver.write(0, b"a" * 512)
     blk.driver.set_writeback(False)
-    assert blk.driver.config.__class__.unpack(blk.driver.transport.read_config_bytes(96)).writeback == 0
+    assert (
+        blk.driver.config.__class__.unpack(blk.driver.transport.read_config_bytes(96)).writeback
+        == 0
+    )
     blk.driver.write(0, b"b" * 512)
     blk.driver.set_writeback(True)
     blk.driver.write(0, b"c" * 512)
@@ -319,9 +322,7 @@ def test_write_to_read_only_disk_is_ioerr_and_writes_nothing(make_blk: Callable[
     assert blk.driver.read(0, 512) == bytes(512)
 
 
-@pytest.mark.parametrize(
-    "req_type", [2, 3, 10, 14, 15, 16, 18, 20, 22, 24, 26, 99, 0x7FFFFFFF]
-)
+@pytest.mark.parametrize("req_type", [2, 3, 10, 14, 15, 16, 18, 20, 22, 24, 26, 99, 0x7FFFFFFF])
 def test_unknown_or_unoffered_request_types_are_unsupp(blk: Blk, req_type: int) -> None:
     assert blk.driver.request(req_type, 0, in_len=512).status == BlkStatus.UNSUPP
 

@@ -103,7 +103,10 @@ class VhostUserDriver:
         for index in range(count):
             size = sizes[index] if sizes else 128
             queue = DriverQueue(
-                self.memory, self.allocator, index, size,
+                self.memory,
+                self.allocator,
+                index,
+                size,
                 event_idx=self.has(Feature.RING_EVENT_IDX),
                 indirect=self.has(Feature.RING_INDIRECT_DESC),
             )
@@ -116,8 +119,12 @@ class VhostUserDriver:
             fe.set_vring_base(index, 0)
             fe.set_vring_addr(
                 VringAddr(
-                    index, 0, queue.desc_addr + to_user, queue.used_addr + to_user,
-                    queue.avail_addr + to_user, 0,
+                    index,
+                    0,
+                    queue.desc_addr + to_user,
+                    queue.used_addr + to_user,
+                    queue.avail_addr + to_user,
+                    0,
                 )
             )
             fe.set_vring_fd(FrontendReq.SET_VRING_CALL, index, call)

@@ -46,6 +46,7 @@ from pyvirtio.shims.vhost_user.protocol import (
     reply,
 )
 from pyvirtio.spec.features import bit
+from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.virtqueue.split import VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 32
 
 Reply = tuple[bytes, list[int]]
+_LIVE = (
+    DeviceStatus.ACKNOWLEDGE
+    | DeviceStatus.DRIVER
+    | DeviceStatus.FEATURES_OK
+    | DeviceStatus.DRIVER_OK
+)
 
 
 class VhostUserError(Exception):
@@ -477,6 +484,8 @@ class VhostUserBackend:
             except VirtqueueError as exc:
                 raise VhostUserError(str(exc)) from None
             vring.started = True
+            # vhost-user has no status register: a started ring means the driver is live.
+            self.device.status |= _LIVE
         if vring.enabled and vring.worker is None:
             vring.worker = QueueWorker(self.device, vring.index, vring.kick_fd)
             vring.worker.start()
