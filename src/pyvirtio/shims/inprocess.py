@@ -17,37 +17,11 @@ from pyvirtio.device import VirtioDevice
 from pyvirtio.driver.mmio import MmioDriver
 from pyvirtio.driver.virtqueue import GuestAllocator
 from pyvirtio.memory.guest import GuestMemory, MemoryRegion
+from pyvirtio.shims.worker import QueueWorker
 from pyvirtio.transport.mmio import MmioTransport
 
 #: Where guest RAM starts, as on Arm's virt machine and Xen's GUEST_RAM0_BASE.
 GUEST_RAM_BASE = 0x4000_0000
-
-
-class _QueueWorker(threading.Thread):
-    """Processes one queue whenever it is kicked (the role of a kick eventfd)."""
-
-    def __init__(self, device: VirtioDevice, index: int) -> None:
-        super().__init__(name=f"queue-{index}", daemon=True)
-        self.device = device
-        self.index = index
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.stopping = False
-
-    def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
-
-    def run(self) -> None:
-        while True:
-            os.eventfd_read(self.kick_fd)
-            if self.stopping:
-                return
-            self.device.process_queue(self.index)
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.kick()
-        self.join()
-        os.close(self.kick_fd)
 
 
 class InProcessMachine:
@@ -66,10 +40,12 @@ class InProcessMachine:
         self.memory = GuestMemory(MemoryRegion.anonymous(gpa, size) for gpa, size in layout)
         self.device = device
         device.memory = self.memory
-        self._workers: list[_QueueWorker] = []
+        self._workers: list[QueueWorker] = []
+        self._kick_fds: list[int] = []
         notify = None
         if threaded:
-            self._workers = [_QueueWorker(device, i) for i in range(len(device.queues))]
+            self._kick_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in device.queues]
+            self._workers = [QueueWorker(device, i, fd) for i, fd in enumerate(self._kick_fds)]
             for worker in self._workers:
                 worker.start()
             notify = self._kick
@@ -84,7 +60,7 @@ class InProcessMachine:
         self.allocator = GuestAllocator(gpa, size)
 
     def _kick(self, index: int) -> None:
-        self._workers[index].kick()
+        os.eventfd_write(self._kick_fds[index], 1)
 
     def _interrupt(self, level: bool) -> None:
         if level:
@@ -110,7 +86,9 @@ class InProcessMachine:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
-        self._workers = []
+        for fd in self._kick_fds:
+            os.close(fd)
+        self._workers, self._kick_fds = [], []
         self.device.reset()
 
     def __enter__(self) -> InProcessMachine:

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from pyvirtio.shims.vhost_user.protocol import (
     encode_u64,
     reply,
 )
+from pyvirtio.shims.worker import QueueWorker
 from pyvirtio.spec.features import bit
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.virtqueue.split import VirtqueueError
@@ -74,52 +74,6 @@ _LIVE = (
 
 class VhostUserError(Exception):
     """A well-formed request that cannot be carried out (answered with a failed REPLY_ACK)."""
-
-
-class QueueWorker(threading.Thread):
-    """Serves one vring: wait for a kick, drain the queue, repeat.
-
-    Front-ends create kick eventfds non-blocking (QEMU does), and their file status flags are
-    shared with the front-end, so the worker waits with poll() instead of a blocking read. A
-    private eventfd wakes it up to stop.
-    """
-
-    def __init__(self, device: VirtioDevice, index: int, kick_fd: int) -> None:
-        super().__init__(name=f"vring-{index}", daemon=True)
-        self.device = device
-        self.index = index
-        self.kick_fd = kick_fd
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stopping = False
-
-    def run(self) -> None:
-        process = self.device.process_queue
-        index = self.index
-        kick = self.kick_fd
-        poller = select.poll()
-        poller.register(kick, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
-        try:
-            process(index)  # buffers made available before the ring started
-            while True:
-                poller.poll()
-                if self._stopping:
-                    return
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(kick)
-                process(index)
-        except OSError as exc:
-            log.error("vring %d: kick eventfd failed: %s", index, exc)
-        except Exception:  # a bug: keep the daemon alive, stop this ring, and say so loudly
-            log.exception("vring %d: worker failed", index)
-            self.device.fail(f"vring {index} worker failed")
-
-    def stop(self) -> None:
-        """Stop after the batch in progress; buffers it popped are completed first."""
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        self.join()
-        os.close(self._stop_fd)
 
 
 @dataclass
