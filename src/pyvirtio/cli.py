@@ -124,11 +124,62 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_xen_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "xen",
+        help="serve virtio-mmio disks to Xen guests as an IOREQ server",
+        description=(
+            "Serve the virtio disks that xl configures with disk = [ '..., "
+            "backendtype=standalone, specification=virtio, target=IMAGE' ] to unmodified "
+            "guests. Runs in dom0 (or the disk's backend domain), watches xenstore for disks, "
+            "and handles every guest and disk until SIGTERM. Needs a hypervisor built with "
+            "CONFIG_IOREQ_SERVER=y. See docs/xen.md."
+        ),
+    )
+    p.add_argument(
+        "--backend-domid",
+        type=int,
+        metavar="N",
+        help="the domain this runs in (default: read from xenstore)",
+    )
+    p.add_argument(
+        "--mapping",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="map guest RAM on demand through a bounded cache (default), or all of it at start",
+    )
+    p.add_argument(
+        "--map-cache-pages",
+        type=_positive,
+        default=32768,
+        metavar="N",
+        help="bound on guest pages mapped at once with dynamic mapping (default 32768 = 128 MiB)",
+    )
+    p.add_argument(
+        "--num-queues",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="request queues per disk (default 1)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=_power_of_two(4, 32768),
+        default=128,
+        metavar="N",
+        help="descriptors per queue (default 128)",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v: info, -vv: debug)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvirtio", description="VirtIO device backends in Python.")
     parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_blk_parser(sub)
+    _add_xen_parser(sub)
     return parser
 
 
@@ -219,6 +270,33 @@ def run_blk(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_xen(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    from pyvirtio.shims.xen.daemon import Options, XenBackendDaemon
+    from pyvirtio.shims.xen.libs import XenError
+
+    options = Options(
+        backend_domid=args.backend_domid,
+        static_mapping=args.mapping == "static",
+        map_cache_pages=args.map_cache_pages,
+        num_queues=args.num_queues,
+        queue_size=args.queue_size,
+    )
+    try:
+        daemon = XenBackendDaemon(options)
+    except XenError as exc:
+        raise UsageError(f"cannot reach Xen: {exc.strerror or exc}") from None
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
+    try:
+        daemon.run()
+    except _Shutdown as why:
+        log.info("%s: shutting down", why)
+    finally:
+        daemon.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -228,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "blk":
             return run_blk(args)
+        if args.command == "xen":
+            return run_xen(args)
     except UsageError as exc:
         print(f"pyvirtio {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

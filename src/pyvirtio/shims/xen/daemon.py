@@ -1,0 +1,341 @@
+"""``pyvirtio xen``: serve the virtio disks the toolstack configures, for every guest.
+
+The daemon watches ``/local/domain/<self>/backend/virtio_disk`` (libxl writes a directory there
+for each ``disk = [ '..., backendtype=standalone, specification=virtio' ]``, at its own moment
+after the domain appears, so the daemon keeps watching rather than listing once). For each
+disk it validates the configuration, opens the image, builds a virtio-blk device on a
+virtio-mmio transport, claims the MMIO window in the guest's IOREQ server (one per guest,
+shared by its disks) and answers the xenbus handshake. Devices go away when the toolstack asks
+(state Closing, or the directory is removed) and everything of a guest goes when it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import queue
+import select
+from dataclasses import dataclass, field
+
+from pyvirtio.devices.blk import BlkDevice
+from pyvirtio.shims.worker import QueueWorker
+from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
+from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
+from pyvirtio.shims.xen.memory import ForeignGuestMemory
+from pyvirtio.shims.xen.privcmd import Privcmd
+from pyvirtio.shims.xen.server import GuestServer
+from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
+from pyvirtio.spec.mmio import WINDOW_SIZE, Reg
+from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.storage.raw import ImageError, RawImage
+from pyvirtio.transport.mmio import MmioTransport
+
+log = logging.getLogger(__name__)
+
+WATCH_TOKEN = "pyvirtio-disks"
+RELEASE_TOKEN = "pyvirtio-release"
+
+
+@dataclass
+class Options:
+    backend_domid: int | None = None
+    static_mapping: bool = False
+    map_cache_pages: int = 32768
+    num_queues: int = 1
+    queue_size: int = 128
+
+
+@dataclass
+class Disk:
+    config: DiskConfig
+    path: str
+    image: RawImage
+    device: BlkDevice
+    transport: MmioTransport
+    kick_fds: list[int] = field(default_factory=list)
+    workers: list[QueueWorker] = field(default_factory=list)
+    state: XenbusState = XenbusState.INITIALISING
+
+
+@dataclass
+class Guest:
+    domid: int
+    privcmd: Privcmd
+    memory: ForeignGuestMemory
+    server: GuestServer
+    disks: dict[int, Disk] = field(default_factory=dict)
+
+
+class _Window:
+    """Forwards a disk's MMIO window to its transport and reports DRIVER_OK to the daemon."""
+
+    def __init__(self, daemon: XenBackendDaemon, key: tuple[int, int], transport: MmioTransport):
+        self.daemon = daemon
+        self.key = key
+        self.transport = transport
+        self.read = transport.read
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.transport.write(offset, size, value)
+        if offset == Reg.STATUS:
+            self.daemon.post(self.key)
+
+
+def _kick(kick_fds: list[int], index: int) -> None:
+    os.eventfd_write(kick_fds[index], 1)
+
+
+class XenBackendDaemon:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.xs = XenStore()
+        self.dm = DeviceModel()
+        self.fmem = ForeignMemory()
+        if options.backend_domid is not None:
+            self.domid = options.backend_domid
+        else:
+            text = self.xs.read("domid")
+            self.domid = int(text) if text and text.isdigit() else 0
+        self.root = f"/local/domain/{self.domid}/backend/virtio_disk"
+        self.guests: dict[int, Guest] = {}
+        self._refused: dict[str, str] = {}
+        self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def post(self, key: tuple[int, int]) -> None:
+        """From the IOREQ thread: a disk's status changed; the main loop looks at it."""
+        self._events.put(key)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def run(self) -> None:
+        self.xs.watch(self.root, WATCH_TOKEN)
+        self.xs.watch("@releaseDomain", RELEASE_TOKEN)
+        log.info("dom%d: watching %s", self.domid, self.root)
+        poller = select.poll()
+        poller.register(self.xs.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        self.scan()
+        while not self._stopping:
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    self._drain_events()
+                else:
+                    _, token = self.xs.read_watch()
+                    if token == RELEASE_TOKEN:
+                        self.reap_dead_guests()
+                    self.scan()
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        for domid in list(self.guests):
+            self.remove_guest(domid, write_closed=True)
+        with contextlib.suppress(XenError):
+            self.xs.unwatch(self.root, WATCH_TOKEN)
+            self.xs.unwatch("@releaseDomain", RELEASE_TOKEN)
+        self.xs.close()
+        self.dm.close()
+        self.fmem.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                domid, devid = self._events.get_nowait()
+            except queue.Empty:
+                return
+            guest = self.guests.get(domid)
+            disk = guest.disks.get(devid) if guest else None
+            if (
+                disk is not None
+                and disk.state == XenbusState.INIT_WAIT
+                and disk.device.status & DeviceStatus.DRIVER_OK
+            ):
+                self._set_state(disk, XenbusState.CONNECTED)
+
+    # -- xenstore ------------------------------------------------------------------------------
+
+    def _set_state(self, disk: Disk, state: XenbusState) -> None:
+        disk.state = state
+        with contextlib.suppress(XenError):
+            self.xs.write(f"{disk.path}/state", str(int(state)))
+        log.info(
+            "dom%d disk %d: xenbus state %s", disk.config.frontend_id, disk.config.devid, state.name
+        )
+
+    def _values(self, path: str) -> dict[str, str]:
+        values = {}
+        for key in self.xs.directory(path):
+            value = self.xs.read(f"{path}/{key}")
+            if value is not None:
+                values[key] = value
+        return values
+
+    def scan(self) -> None:
+        """Bring the served disks in line with what xenstore says."""
+        present: set[tuple[int, int]] = set()
+        for fe_text in self.xs.directory(self.root):
+            if not fe_text.isdigit():
+                continue
+            frontend = int(fe_text)
+            for dev_text in self.xs.directory(f"{self.root}/{fe_text}"):
+                if not dev_text.isdigit():
+                    continue
+                devid = int(dev_text)
+                present.add((frontend, devid))
+                self._scan_disk(frontend, devid, f"{self.root}/{fe_text}/{dev_text}")
+        for domid, guest in list(self.guests.items()):
+            for devid in list(guest.disks):
+                if (domid, devid) not in present:
+                    log.info("dom%d disk %d: removed by the toolstack", domid, devid)
+                    self.remove_disk(domid, devid, write_closed=False)
+
+    def _scan_disk(self, frontend: int, devid: int, path: str) -> None:
+        guest = self.guests.get(frontend)
+        disk = guest.disks.get(devid) if guest else None
+        state = parse_state(self.xs.read(f"{path}/state"))
+        if disk is not None:
+            online = self.xs.read(f"{path}/online")
+            if state == XenbusState.CLOSING or online == "0":
+                self.remove_disk(frontend, devid, write_closed=True)
+            return
+        if state not in (XenbusState.INITIALISING, XenbusState.UNKNOWN):
+            return  # not ours to set up (closed, or served by an earlier run)
+        try:
+            config = parse_disk(frontend, devid, self._values(path))
+            self.add_disk(config, path)
+        except (ConfigError, ImageError, XenError, OSError, ValueError) as exc:
+            if self._refused.get(path) != str(exc):
+                log.error("dom%d disk %d: refused: %s", frontend, devid, exc)
+                self._refused[path] = str(exc)
+            with contextlib.suppress(XenError):
+                self.xs.write(f"{path}/error", str(exc)[:200])
+                self.xs.write(f"{path}/state", str(int(XenbusState.CLOSED)))
+
+    # -- guests and disks ----------------------------------------------------------------------
+
+    def _guest(self, domid: int) -> Guest:
+        guest = self.guests.get(domid)
+        if guest is not None:
+            return guest
+        privcmd = Privcmd(domid)
+        try:
+            memory = ForeignGuestMemory(
+                privcmd,
+                domid,
+                max_pages=self.options.map_cache_pages,
+                static=self.options.static_mapping,
+            )
+            server = GuestServer(domid, self.dm, self.fmem, on_invalidate=memory.invalidate)
+        except BaseException:
+            privcmd.close()
+            raise
+        guest = Guest(domid, privcmd, memory, server)
+        self.guests[domid] = guest
+        return guest
+
+    def add_disk(self, config: DiskConfig, path: str) -> None:
+        opts = self.options
+        guest = self._guest(config.frontend_id)
+        image = RawImage(config.image, read_only=config.read_only)
+        try:
+            device = BlkDevice(
+                image,
+                num_queues=opts.num_queues,
+                queue_size=opts.queue_size,
+                serial=f"xen-{config.frontend_id}-{config.devid}",
+            )
+            device.memory = guest.memory
+            kick_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(opts.num_queues)]
+            transport = MmioTransport(
+                device,
+                interrupt=functools.partial(self._irq, config.frontend_id, config.irq),
+                notify=functools.partial(_kick, kick_fds),
+            )
+            disk = Disk(config, path, image, device, transport, kick_fds)
+            disk.workers = [QueueWorker(device, i, fd) for i, fd in enumerate(kick_fds)]
+            for worker in disk.workers:
+                worker.start()
+            guest.disks[config.devid] = disk
+            guest.server.add_window(
+                config.base,
+                WINDOW_SIZE,
+                _Window(self, (config.frontend_id, config.devid), transport),
+            )
+        except BaseException:
+            if config.devid in guest.disks:
+                self.remove_disk(config.frontend_id, config.devid, write_closed=False)
+            else:
+                image.close()
+            raise
+        log.info(
+            "dom%d disk %d: serving %s (%s) at %#x irq %d",
+            config.frontend_id,
+            config.devid,
+            config.image,
+            "ro" if config.read_only else "rw",
+            config.base,
+            config.irq,
+        )
+        self._set_state(disk, XenbusState.INIT_WAIT)
+
+    def _irq(self, domid: int, irq: int, level: bool) -> None:
+        # libxl declares the SPI edge-rising: each rising edge is one interrupt; lowering the
+        # line would only cost a hypercall.
+        if level:
+            try:
+                self.dm.set_irq_level(domid, irq, 1)
+            except XenError as exc:
+                log.debug("dom%d: set_irq_level(%d): %s", domid, irq, exc)
+
+    def remove_disk(self, domid: int, devid: int, *, write_closed: bool) -> None:
+        guest = self.guests.get(domid)
+        if guest is None or devid not in guest.disks:
+            return
+        disk = guest.disks.pop(devid)
+        guest.server.remove_window(disk.config.base, WINDOW_SIZE)
+        for worker in disk.workers:
+            worker.stop()
+        for fd in disk.kick_fds:
+            os.close(fd)
+        disk.device.reset()
+        with contextlib.suppress(OSError):
+            if not disk.image.read_only:
+                disk.image.flush()
+        disk.image.close()
+        if write_closed:
+            self._set_state(disk, XenbusState.CLOSED)
+        log.info("dom%d disk %d: stopped", domid, devid)
+        if not guest.disks:
+            self.remove_guest(domid, write_closed=write_closed)
+
+    def remove_guest(self, domid: int, *, write_closed: bool) -> None:
+        guest = self.guests.get(domid)
+        if guest is None:
+            return
+        for devid in list(guest.disks):
+            self.remove_disk(domid, devid, write_closed=write_closed)
+        self.guests.pop(domid, None)
+        guest.server.close()
+        guest.memory.close()
+        guest.privcmd.close()
+
+    def reap_dead_guests(self) -> None:
+        for domid in list(self.guests):
+            try:
+                self.dm.nr_vcpus(domid)
+            except XenError:
+                log.info("dom%d: gone; releasing everything it used", domid)
+                self.remove_guest(domid, write_closed=False)

@@ -1,0 +1,199 @@
+"""Guest memory on Xen: foreign mappings of a guest's RAM, cached in buckets.
+
+The backend reaches the guest's memory by asking Xen to map the guest's frames into its own
+address space (privileged foreign mapping). Two strategies, as the talk describes:
+
+- **dynamic** (default): guest-physical memory is mapped on demand in buckets of
+  ``BUCKET_PAGES`` pages and kept in a bounded LRU cache, so the hot path does no map/unmap per
+  descriptor and dom0 spends at most ``max_pages`` pages of its own address space and memory on
+  foreign mappings (cf. XSA-300). A bucket still referenced by a request is never evicted: its
+  ``mmap`` refuses to close while views exist.
+- **static**: every RAM bank of the guest is mapped once at start. Banks are found by asking
+  Xen, not guessed: the guest's RAM windows (``GUEST_RAM0``/``GUEST_RAM1`` on Arm) are mapped
+  bucket by bucket and the frames Xen refuses mark where RAM ends.
+
+Either way a page that Xen refused to map is never touched (it would raise SIGBUS): ranges that
+include one are outside guest memory as far as devices are concerned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from pyvirtio.memory.guest import GuestMemory, GuestMemoryError
+from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, PAGE_SIZE, ForeignMapping, Privcmd
+
+log = logging.getLogger(__name__)
+
+BUCKET_SHIFT = 21  # 2 MiB
+BUCKET_SIZE = 1 << BUCKET_SHIFT
+BUCKET_PAGES = BUCKET_SIZE >> PAGE_SHIFT
+
+#: Arm guest RAM windows (xen/include/public/arch-arm.h: GUEST_RAM0, GUEST_RAM1).
+ARM_GUEST_RAM_WINDOWS = ((0x4000_0000, 0xC000_0000), (0x2_0000_0000, 0xFE_0000_0000))
+
+
+class ForeignGuestMemory(GuestMemory):
+    """A guest's RAM reached through foreign mappings."""
+
+    def __init__(
+        self,
+        privcmd: Privcmd,
+        domid: int,
+        *,
+        max_pages: int = 32768,
+        static: bool = False,
+        ram_windows: Iterable[tuple[int, int]] = (),
+    ) -> None:
+        super().__init__()
+        self.privcmd = privcmd
+        self.domid = domid
+        self.static = static
+        self.max_buckets = max(4, max_pages // BUCKET_PAGES)
+        self._buckets: OrderedDict[int, ForeignMapping] = OrderedDict()
+        self._retired: list[ForeignMapping] = []
+        self._lock = threading.Lock()
+        self.maps = 0  # number of map operations, for statistics and tests
+        if static:
+            self._map_all(ram_windows or ARM_GUEST_RAM_WINDOWS)
+
+    # -- mapping -------------------------------------------------------------------------------
+
+    def _map_bucket(self, index: int) -> ForeignMapping:
+        mapping = self.privcmd.map(self.domid, index * BUCKET_PAGES, BUCKET_PAGES)
+        self.maps += 1
+        return mapping
+
+    def _map_all(self, windows: Iterable[tuple[int, int]]) -> None:
+        """Map every populated bucket of the RAM windows; stop at the first empty bucket."""
+        total = 0
+        for base, size in windows:
+            for index in range(base >> BUCKET_SHIFT, (base + size) >> BUCKET_SHIFT):
+                mapping = self._map_bucket(index)
+                if len(mapping.bad) == BUCKET_PAGES:
+                    mapping.close()
+                    break
+                self._buckets[index] = mapping
+                total += BUCKET_PAGES - len(mapping.bad)
+                if mapping.bad:
+                    break
+        if not total:
+            raise GuestMemoryError(0, 0, f"dom{self.domid} has no RAM that can be mapped")
+        log.info(
+            "dom%d: statically mapped %d MiB of guest RAM in %d buckets",
+            self.domid,
+            total >> (20 - PAGE_SHIFT),
+            len(self._buckets),
+        )
+
+    def _bucket(self, index: int) -> ForeignMapping:
+        with self._lock:
+            mapping = self._buckets.get(index)
+            if mapping is not None:
+                if not self.static:
+                    self._buckets.move_to_end(index)
+                return mapping
+            if self.static:
+                raise KeyError(index)
+            if len(self._buckets) >= self.max_buckets:
+                self._evict()
+            mapping = self._map_bucket(index)
+            self._buckets[index] = mapping
+            return mapping
+
+    def _evict(self) -> None:
+        """Unmap the least recently used bucket that no request holds."""
+        self._sweep_retired()
+        for index in list(self._buckets):
+            if self._buckets[index].close():
+                del self._buckets[index]
+                return
+        # Every bucket is in use: allow one over the bound rather than stall the guest.
+        log.warning("dom%d: all %d map cache buckets are in use", self.domid, len(self._buckets))
+
+    def _sweep_retired(self) -> None:
+        self._retired = [m for m in self._retired if not m.close()]
+
+    def invalidate(self) -> None:
+        """IOREQ_TYPE_INVALIDATE: the guest's memory map changed; drop every cached mapping."""
+        with self._lock:
+            if self.static:
+                log.warning("dom%d: memory map changed under a static mapping", self.domid)
+            for mapping in self._buckets.values():
+                if not mapping.close():
+                    self._retired.append(mapping)
+            self._buckets.clear()
+            self._sweep_retired()
+            static, self.static = self.static, False
+        if static:
+            log.warning("dom%d: falling back to dynamic mapping", self.domid)
+
+    def close(self) -> None:
+        with self._lock:
+            for mapping in self._buckets.values():
+                if not mapping.close():
+                    self._retired.append(mapping)
+            self._buckets.clear()
+            self._sweep_retired()
+            if self._retired:
+                log.warning(
+                    "dom%d: %d mappings still referenced at close", self.domid, len(self._retired)
+                )
+
+    @property
+    def mapped_pages(self) -> int:
+        return len(self._buckets) * BUCKET_PAGES
+
+    # -- GuestMemory ---------------------------------------------------------------------------
+
+    def _view(self, addr: int, length: int) -> memoryview:
+        """A view of [addr, addr+length), which lies inside one bucket."""
+        index = addr >> BUCKET_SHIFT
+        try:
+            mapping = self._bucket(index)
+        except (KeyError, OSError):
+            raise GuestMemoryError(addr, length) from None
+        offset = addr & (BUCKET_SIZE - 1)
+        if mapping.bad:
+            first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+            if any(first <= page <= last for page in mapping.bad):
+                raise GuestMemoryError(addr, length, "is not RAM of the guest")
+        return mapping.view[offset : offset + length]
+
+    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+        if addr < 0 or addr + length > 1 << 52:
+            raise GuestMemoryError(addr, length)
+        out = []
+        while length > 0:
+            n = min(length, BUCKET_SIZE - (addr & (BUCKET_SIZE - 1)))
+            view = self._view(addr, n)
+            out.append(view if writable else view.toreadonly())
+            addr += n
+            length -= n
+        return out
+
+    def ring(self, addr: int, length: int) -> memoryview:
+        if length <= 0 or addr < 0:
+            raise GuestMemoryError(addr, length)
+        if (addr & (BUCKET_SIZE - 1)) + length <= BUCKET_SIZE:
+            return self._view(addr, length)
+        # A ring across a bucket boundary gets a mapping of its own, unmapped once unused.
+        first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
+        try:
+            mapping = self.privcmd.map(self.domid, first, last - first + 1)
+        except OSError:
+            raise GuestMemoryError(addr, length) from None
+        if mapping.bad:
+            mapping.close()
+            raise GuestMemoryError(addr, length, "is not RAM of the guest")
+        offset = addr - (first << PAGE_SHIFT)
+        view = mapping.view[offset : offset + length]
+        with self._lock:
+            self._retired.append(mapping)
+        return view
+
+
+__all__ = ["BUCKET_PAGES", "PAGE_SIZE", "ForeignGuestMemory"]
