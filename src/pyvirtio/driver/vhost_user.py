@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from collections.abc import Sequence
 
 from pyvirtio.driver.virtqueue import DriverQueue, GuestAllocator
@@ -18,6 +19,7 @@ from pyvirtio.shims.vhost_user.frontend import FrontendError, VhostUserFrontend
 from pyvirtio.shims.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     FrontendReq,
+    InflightDesc,
     MemoryRegionDesc,
     ProtocolFeature,
     VringAddr,
@@ -30,6 +32,7 @@ FRONTEND_PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.INFLIGHT_SHMFD)
 )
 #: Where guest RAM starts in the address space we present.
 GUEST_RAM_BASE = 0x4000_0000
@@ -62,6 +65,8 @@ class VhostUserDriver:
         self._wanted_protocol = protocol_features
         self._poll = select.poll()
         self._protocol_negotiated = False
+        #: The in-flight tracking area, kept across reconnections as QEMU keeps it.
+        self.inflight: tuple[InflightDesc, int] | None = None
         self.interrupts = 0
 
     # -- DriverTransport -----------------------------------------------------------------------
@@ -91,32 +96,42 @@ class VhostUserDriver:
             available = fe.get_queue_num()
             if count > available:
                 raise FrontendError(f"back-end has {available} queues, {count} wanted")
-        fe.set_mem_table(
-            [
-                (
-                    MemoryRegionDesc(GUEST_RAM_BASE, self.memory_size, USER_ADDR_BASE, 0),
-                    self.memfd,
-                )
-            ]
-        )
-        to_user = USER_ADDR_BASE - GUEST_RAM_BASE
         for index in range(count):
-            size = sizes[index] if sizes else 128
-            queue = DriverQueue(
-                self.memory,
-                self.allocator,
-                index,
-                size,
-                event_idx=self.has(Feature.RING_EVENT_IDX),
-                indirect=self.has(Feature.RING_INDIRECT_DESC),
+            self.queues.append(
+                DriverQueue(
+                    self.memory,
+                    self.allocator,
+                    index,
+                    sizes[index] if sizes else 128,
+                    event_idx=self.has(Feature.RING_EVENT_IDX),
+                    indirect=self.has(Feature.RING_INDIRECT_DESC),
+                )
             )
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self.kick_fds.append(kick)
             self.call_fds.append(call)
             self._poll.register(call, select.POLLIN)
-            fe.set_vring_num(index, size)
-            fe.set_vring_base(index, 0)
+        self._hand_over_rings()
+        return self.queues
+
+    def _hand_over_rings(self) -> None:
+        """Memory table, in-flight area and vrings, as a VMM starts (or restarts) a device."""
+        fe = self.frontend
+        fe.set_mem_table(
+            [(MemoryRegionDesc(GUEST_RAM_BASE, self.memory_size, USER_ADDR_BASE, 0), self.memfd)]
+        )
+        if fe.protocol_features >> ProtocolFeature.INFLIGHT_SHMFD & 1:
+            if self.inflight is None:
+                size = max(q.size for q in self.queues)
+                self.inflight = fe.get_inflight_fd(len(self.queues), size)
+            fe.set_inflight_fd(*self.inflight)
+        to_user = USER_ADDR_BASE - GUEST_RAM_BASE
+        for queue in self.queues:
+            index = queue.index
+            fe.set_vring_num(index, queue.size)
+            # The used index in guest memory: what a VMM that lost its back-end knows for sure.
+            fe.set_vring_base(index, queue.used_idx)
             fe.set_vring_addr(
                 VringAddr(
                     index,
@@ -127,12 +142,29 @@ class VhostUserDriver:
                     0,
                 )
             )
-            fe.set_vring_fd(FrontendReq.SET_VRING_CALL, index, call)
-            fe.set_vring_fd(FrontendReq.SET_VRING_KICK, index, kick)
+            fe.set_vring_fd(FrontendReq.SET_VRING_CALL, index, self.call_fds[index])
+            fe.set_vring_fd(FrontendReq.SET_VRING_KICK, index, self.kick_fds[index])
             if self._protocol_negotiated:
                 fe.set_vring_enable(index, True)
-            self.queues.append(queue)
-        return self.queues
+
+    def reconnect(self, timeout: float = 10.0) -> None:
+        """Connect again after the back-end went away (QEMU's ``reconnect=1``): same guest
+        memory, same rings and requests in flight, same in-flight area."""
+        self.frontend.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.frontend = VhostUserFrontend(self.frontend.path, timeout=self.frontend.timeout)
+                break
+            except FrontendError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        features = self.features
+        self.negotiate(features)
+        if self.features != features:
+            raise FrontendError("the back-end came back with other features")
+        self._hand_over_rings()
 
     def driver_ok(self) -> None:
         pass
@@ -169,5 +201,8 @@ class VhostUserDriver:
         self.frontend.close()
         for fd in [*self.kick_fds, *self.call_fds, self.memfd]:
             os.close(fd)
+        if self.inflight is not None:
+            os.close(self.inflight[1])
+            self.inflight = None
         self.kick_fds, self.call_fds = [], []
         self.queues = []

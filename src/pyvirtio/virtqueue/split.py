@@ -13,12 +13,16 @@ device completes it with an error of its own kind.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from pyvirtio.memory.barrier import acquire_fence, full_fence, release_fence
 from pyvirtio.memory.guest import GuestMemory, GuestMemoryError
 from pyvirtio.spec import ring
 from pyvirtio.spec.ring import DESC, DESC_SIZE, DescFlag
+from pyvirtio.virtqueue.inflight import InflightRegion
+
+log = logging.getLogger(__name__)
 
 _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
@@ -57,6 +61,8 @@ class SplitQueue:
             raise ValueError(f"queue size {max_size} is not a power of two up to 32768")
         self.index = index
         self.max_size = max_size
+        #: In-flight tracking (vhost-user INFLIGHT_SHMFD); attached by the shim, kept on reset.
+        self.inflight: InflightRegion | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +83,7 @@ class SplitQueue:
         self._avail: memoryview | None = None  # le16 view: flags, idx, ring[size], used_event
         self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
         self._used32: memoryview | None = None  # le32 view: flags|idx, (id, len) * size, ...
+        self._resubmit: list[int] = []
 
     @property
     def active(self) -> bool:
@@ -99,6 +106,10 @@ class SplitQueue:
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
             raise VirtqueueError(f"queue {self.index}: bad size {size}")
+        if self.inflight is not None and self.inflight.queue_size != size:
+            raise VirtqueueError(
+                f"queue {self.index}: size {size}, in-flight area for {self.inflight.queue_size}"
+            )
         for name, addr, align in (
             ("descriptor table", self.desc_addr, ring.DESC_ALIGN),
             ("available ring", self.avail_addr, ring.AVAIL_ALIGN),
@@ -122,6 +133,18 @@ class SplitQueue:
         self._shadow_avail_idx = self.last_avail_idx
         self.used_idx = self._used16[1] if used_idx is None else used_idx & 0xFFFF
         self._signalled_used = self.used_idx
+        if self.inflight is not None:
+            # Resubmit what a previous back-end took but never returned; everything between
+            # the used index and those heads was completed (vhost-user "When reconnecting").
+            self._resubmit = self.inflight.recover(self.used_idx)
+            self.last_avail_idx = (self.used_idx + len(self._resubmit)) & 0xFFFF
+            self._shadow_avail_idx = self.last_avail_idx
+            if self._resubmit:
+                log.warning(
+                    "queue %d: resubmitting %d requests left in flight by a previous back-end",
+                    self.index,
+                    len(self._resubmit),
+                )
 
     def deactivate(self) -> None:
         """Stop using the rings (vhost-user GET_VRING_BASE); the configuration is kept."""
@@ -141,7 +164,7 @@ class SplitQueue:
         return idx
 
     def has_available(self) -> bool:
-        if self._shadow_avail_idx != self.last_avail_idx:
+        if self._resubmit or self._shadow_avail_idx != self.last_avail_idx:
             return True
         self._shadow_avail_idx = self.avail_idx()
         return self._shadow_avail_idx != self.last_avail_idx
@@ -151,6 +174,8 @@ class SplitQueue:
         avail = self._avail
         if avail is None:
             return None
+        if self._resubmit:
+            return self._walk(self._resubmit.pop(0))
         last = self.last_avail_idx
         if self._shadow_avail_idx == last:
             self._shadow_avail_idx = self.avail_idx()
@@ -163,6 +188,8 @@ class SplitQueue:
                 )
         head = avail[2 + (last & (self.size - 1))]
         self.last_avail_idx = (last + 1) & 0xFFFF
+        if self.inflight is not None and head < self.size:
+            self.inflight.begin(head)
         return self._walk(head)
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -262,6 +289,8 @@ class SplitQueue:
         used32[slot] = head
         used32[slot + 1] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+        if self.inflight is not None:
+            self.inflight.used(head)
 
     def publish(self) -> bool:
         """Make pushed elements visible and say whether the driver wants an interrupt.
@@ -278,6 +307,8 @@ class SplitQueue:
             return False
         release_fence()
         used16[1] = new
+        if self.inflight is not None:
+            self.inflight.published(new)
         full_fence()
         self._signalled_used = new
         if self.event_idx:

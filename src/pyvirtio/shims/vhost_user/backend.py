@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -31,6 +33,7 @@ from pyvirtio.shims.vhost_user.protocol import (
     BackendReq,
     ConfigPayload,
     FrontendReq,
+    InflightDesc,
     MemoryRegionDesc,
     Message,
     ProtocolError,
@@ -47,6 +50,7 @@ from pyvirtio.shims.vhost_user.protocol import (
 from pyvirtio.shims.worker import QueueWorker
 from pyvirtio.spec.features import bit
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.virtqueue.inflight import InflightRegion, queue_region_size
 from pyvirtio.virtqueue.split import VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.INFLIGHT_SHMFD)
 )
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (a bound on what one front-end can map).
 MAX_MEM_SLOTS = 32
@@ -116,6 +121,7 @@ class VhostUserBackend:
         self._channel_lock = threading.Lock()
         self._call_lock = threading.Lock()
         self._on_config_change = on_config_change
+        self._inflight_map: mmap.mmap | None = None
         self.owner = False
         device.events = self
         device.reset()
@@ -144,6 +150,8 @@ class VhostUserBackend:
             FrontendReq.SET_CONFIG: self._set_config,
             FrontendReq.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             FrontendReq.RESET_DEVICE: self._reset_device,
+            FrontendReq.GET_INFLIGHT_FD: self._get_inflight_fd,
+            FrontendReq.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -461,6 +469,78 @@ class VhostUserBackend:
         _close(vring.kick_fd)
         vring.kick_fd = None
 
+    # -- in-flight tracking --------------------------------------------------------------------
+
+    def _get_inflight_fd(self, msg: Message) -> Reply:
+        """Allocate the tracking area (a sealed memfd the front-end keeps across restarts)."""
+        desc = InflightDesc.decode(msg.payload)
+        self._check_inflight(desc)
+        size = desc.num_queues * queue_region_size(desc.queue_size)
+        fd = os.memfd_create("pyvirtio-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(
+                fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+            )
+            self._attach_inflight(fd, InflightDesc(size, 0, desc.num_queues, desc.queue_size))
+        except BaseException:
+            os.close(fd)
+            raise
+        return InflightDesc(size, 0, desc.num_queues, desc.queue_size).encode(), [fd]
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        desc = InflightDesc.decode(msg.payload)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_INFLIGHT_FD with {len(msg.fds)} fds")
+        fd = msg.fds.pop()
+        try:
+            self._check_inflight(desc)
+            if desc.mmap_size < desc.num_queues * queue_region_size(desc.queue_size):
+                raise VhostUserError(f"in-flight area of {desc.mmap_size} bytes is too small")
+            self._attach_inflight(fd, desc)
+        finally:
+            os.close(fd)
+
+    def _check_inflight(self, desc: InflightDesc) -> None:
+        if not 0 < desc.num_queues <= len(self.vrings):
+            raise VhostUserError(f"in-flight area for {desc.num_queues} queues")
+        size = desc.queue_size
+        if not 0 < size <= 32768 or size & (size - 1):
+            raise VhostUserError(f"in-flight area for queues of {size} descriptors")
+        if self._running_vrings():
+            raise VhostUserError("in-flight area changed while rings run")
+
+    def _attach_inflight(self, fd: int, desc: InflightDesc) -> None:
+        self._detach_inflight()
+        try:
+            m = mmap.mmap(fd, desc.mmap_size, flags=mmap.MAP_SHARED, offset=desc.mmap_offset)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise VhostUserError(f"cannot map the in-flight area: {exc}") from None
+        self._inflight_map = m
+        step = queue_region_size(desc.queue_size)
+        view = memoryview(m)
+        try:
+            for i in range(desc.num_queues):
+                region = view[i * step : (i + 1) * step]
+                try:
+                    self.device.queues[i].inflight = InflightRegion(region, desc.queue_size)
+                except ValueError as exc:
+                    raise VhostUserError(str(exc)) from None
+        finally:
+            view.release()
+
+    def _detach_inflight(self) -> None:
+        for queue in self.device.queues:
+            if queue.inflight is not None:
+                queue.inflight.release()
+                queue.inflight = None
+        if self._inflight_map is not None:
+            try:
+                self._inflight_map.close()
+            except BufferError:
+                log.warning("in-flight area still referenced; unmapped when released")
+            self._inflight_map = None
+
     # -- config and status ---------------------------------------------------------------------
 
     def _get_config(self, msg: Message) -> bytes:
@@ -549,6 +629,7 @@ class VhostUserBackend:
             self._unmap(region)
         self.regions = []
         self.device.memory = None
+        self._detach_inflight()
         with self._channel_lock:
             if self.backend_channel is not None:
                 self.backend_channel.close()
