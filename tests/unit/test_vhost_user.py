@@ -365,25 +365,30 @@ def _start_backend(img: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes
     raise AssertionError("back-end did not come up")
 
 
+CHUNK = 512 * 1024
+
+
 def test_backend_killed_mid_io_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL the back-end while it holds requests, restart it, reconnect: every request
     completes OK (in-flight tracking) and the image holds the last data written."""
     import mmap as _mmap
 
     img = tmp_path / "d.img"
-    img.write_bytes(bytes(4 << 20))
+    img.touch()
+    os.truncate(img, 20 << 20)
     sock = tmp_path / "s.sock"
-    # Writethrough makes every write wait for the disk: the back-end holds requests longer.
+    # Large writethrough writes: the back-end holds requests long enough to be caught.
     proc = _start_backend(img, sock, "--writethrough")
     transport, drv = connect(str(sock))
     assert transport.inflight is not None  # INFLIGHT_SHMFD was negotiated
+    drv.segment_size = 64 * 1024  # within SIZE_MAX, and 8 segments per request
     desc, fd = transport.inflight
     area = _mmap.mmap(fd, desc.mmap_size)
     flags = memoryview(area)[16 : 16 + 16 * desc.queue_size : 16]  # DescStateSplit.inflight
     try:
         for rnd in range(5):
             reqs = [
-                drv.submit(BlkRequestType.OUT, i * 128, data_out=bytes([rnd * 40 + i]) * 65536)
+                drv.submit(BlkRequestType.OUT, i * 1024, data_out=bytes([rnd * 40 + i]) * CHUNK)
                 for i in range(40)
             ]
             deadline = time.monotonic() + 10
@@ -403,7 +408,7 @@ def test_backend_killed_mid_io_loses_nothing(tmp_path: Path) -> None:
             proc = _start_backend(img, sock, "--writethrough")
             transport.reconnect()
         for i in range(40):
-            assert drv.read(i * 128, 65536) == bytes([4 * 40 + i]) * 65536
+            assert drv.read(i * 1024, CHUNK) == bytes([4 * 40 + i]) * CHUNK
     finally:
         flags.release()
         area.close()
