@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lint unit e2e test demo clean
+.PHONY: all deps venv lint unit e2e test demo fuzz clean
 
 all: test
 
@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check src tests rigs
-	$(VENV)/bin/ruff format --check src tests rigs
+	$(VENV)/bin/ruff check src tests rigs fuzz
+	$(VENV)/bin/ruff format --check src tests rigs fuzz
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -33,6 +33,15 @@ e2e: deps venv
 
 test: deps venv lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Long fuzzing runs: FUZZ_TIME seconds per target, corpora kept in out/fuzz/<target>.
+FUZZ_TIME ?= 600
+fuzz: venv
+	for t in ring_blk vhost_user mmio xen_config; do \
+		mkdir -p out/fuzz/$$t && cp -n fuzz/seeds/$$t/* out/fuzz/$$t/; \
+		$(PY) -m fuzz.run $$t -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 \
+			-artifact_prefix=out/fuzz/crash-$$t- out/fuzz/$$t || exit 1; \
+	done
 
 demo: deps venv
 	$(PY) -m rigs.demo

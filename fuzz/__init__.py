@@ -1,0 +1,1 @@
+"""Coverage-guided fuzz targets (atheris) for the parsers that take untrusted input."""

@@ -1,0 +1,111 @@
+"""Write seed inputs for each fuzz target into ``fuzz/seeds/<target>/`` (valid, typical inputs
+that lead the fuzzer to the interesting paths quickly)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from pyvirtio.shims.inprocess import GUEST_RAM_BASE
+from pyvirtio.shims.vhost_user.protocol import (
+    ConfigPayload,
+    FrontendReq,
+    VringAddr,
+    VringState,
+    encode,
+    encode_u64,
+)
+from pyvirtio.spec.blk import REQ_HEADER
+from pyvirtio.spec.mmio import Reg
+
+HERE = Path(__file__).parent / "seeds"
+QUEUE_SIZE = 16
+
+
+def ring_blk() -> list[bytes]:
+    """A descriptor table at offset 0, heads at 256; the input is also guest RAM from +8192,
+    so descriptors point back into the input: header at 1024, data at 2048, status at 4096."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    for req_type, data_flags in ((0, 3), (1, 1), (4, 1), (8, 3), (11, 1), (13, 1)):
+        seed = bytearray(4200)
+        struct.pack_into("<QIHH", seed, 0, ram + 1024, 16, 1, 1)
+        struct.pack_into("<QIHH", seed, 16, ram + 2048, 512, data_flags, 2)
+        struct.pack_into("<QIHH", seed, 32, ram + 4096, 1, 2, 0)
+        seed[256:273] = bytes([0] + [QUEUE_SIZE] * 15 + [1])  # one head: 0
+        payload = struct.pack("<QII", 8, 8, 0) if req_type in (11, 13) else b""
+        REQ_HEADER.pack_into(seed, 1024, req_type, 0, 1)
+        seed[2048 : 2048 + len(payload)] = payload
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def vhost_user() -> list[bytes]:
+    msgs = [
+        encode(FrontendReq.GET_FEATURES),
+        encode(FrontendReq.GET_PROTOCOL_FEATURES),
+        encode(FrontendReq.SET_PROTOCOL_FEATURES, encode_u64(0x8209)),
+        encode(FrontendReq.SET_OWNER),
+        encode(FrontendReq.SET_FEATURES, encode_u64((1 << 32) | (1 << 30) | (1 << 28))),
+        encode(FrontendReq.GET_CONFIG, ConfigPayload(0, 60, 0, bytes(60)).encode()),
+        encode(FrontendReq.SET_VRING_NUM, VringState(0, 128).encode()),
+        encode(FrontendReq.SET_VRING_BASE, VringState(0, 0).encode()),
+        encode(FrontendReq.SET_VRING_ADDR, VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0).encode()),
+        encode(FrontendReq.SET_VRING_ENABLE, VringState(0, 1).encode()),
+        encode(FrontendReq.GET_VRING_BASE, VringState(0, 0).encode()),
+        encode(FrontendReq.SET_CONFIG, ConfigPayload(32, 1, 0, b"\0").encode()),
+        encode(FrontendReq.GET_QUEUE_NUM, flags=8),
+    ]
+    return [b"".join(msgs), b"".join(msgs[:4])]
+
+
+def mmio() -> list[bytes]:
+    ops = []
+
+    def op(offset: int, value: int = 0, write: bool = True, size: int = 4) -> None:
+        ops.append(
+            struct.pack("<HBIB", offset, {1: 0, 2: 1, 4: 2, 8: 3}[size], value, 1 if write else 0)
+        )
+
+    op(Reg.MAGIC_VALUE, write=False)
+    op(Reg.STATUS, 0)
+    op(Reg.STATUS, 1)
+    op(Reg.STATUS, 3)
+    op(Reg.DEVICE_FEATURES_SEL, 1)
+    op(Reg.DEVICE_FEATURES, write=False)
+    op(Reg.DRIVER_FEATURES_SEL, 1)
+    op(Reg.DRIVER_FEATURES, 1)
+    op(Reg.STATUS, 11)
+    op(Reg.QUEUE_SEL, 0)
+    op(Reg.QUEUE_NUM, 16)
+    op(Reg.QUEUE_DESC_LOW, GUEST_RAM_BASE)
+    op(Reg.QUEUE_DRIVER_LOW, GUEST_RAM_BASE + 4096)
+    op(Reg.QUEUE_DEVICE_LOW, GUEST_RAM_BASE + 8192)
+    op(Reg.QUEUE_READY, 1)
+    op(Reg.STATUS, 15)
+    op(Reg.QUEUE_NOTIFY, 0)
+    op(0x100, write=False, size=8)
+    op(0x100 + 32, 0, size=1)
+    op(Reg.INTERRUPT_ACK, 3)
+    return [b"".join(ops)]
+
+
+def xen_config() -> list[bytes]:
+    return [b"params=/tmp/disk.img\nmode=w\nbase=33554432\nirq=33\nfrontend-id=3\nstate=1"]
+
+
+def main() -> None:
+    for name, make in (
+        ("ring_blk", ring_blk),
+        ("vhost_user", vhost_user),
+        ("mmio", mmio),
+        ("xen_config", xen_config),
+    ):
+        directory = HERE / name
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, seed in enumerate(make()):
+            (directory / f"seed-{i}").write_bytes(seed)
+
+
+if __name__ == "__main__":
+    main()

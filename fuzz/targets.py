@@ -1,0 +1,153 @@
+"""Fuzz targets: each takes bytes from the fuzzer and raises only on a bug in pyvirtio.
+
+- ``ring_blk``: guest memory (descriptor table, available ring, requests) of a virtio-blk device
+  as the fuzzer writes it; the device drains the queue. Only the device's own error reporting
+  (NEEDS_RESET, status bytes) is allowed, never an exception, and nothing outside the used ring
+  and the device-writable buffers the chains named may change.
+- ``vhost_user``: a stream of vhost-user messages to a back-end session.
+- ``mmio``: register accesses to a virtio-mmio virtio-blk device.
+- ``xen_config``: a xenstore directory for a virtio disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+
+from pyvirtio.devices.blk import BlkDevice
+from pyvirtio.memory.guest import GuestMemory, MemoryRegion
+from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
+from pyvirtio.shims.vhost_user.backend import VhostUserBackend
+from pyvirtio.shims.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
+from pyvirtio.shims.xen.config import ConfigError, parse_disk
+from pyvirtio.spec.features import Feature, bit
+from pyvirtio.spec.mmio import Reg
+from pyvirtio.storage.raw import RawImage
+
+logging.disable(logging.CRITICAL)  # guest errors are expected here, by the thousand
+
+MEMORY = 64 * 1024
+QUEUE_SIZE = 16
+_image_dir = tempfile.mkdtemp(prefix="pyvirtio-fuzz-")
+_image_path = os.path.join(_image_dir, "disk.img")
+with open(_image_path, "wb") as _f:
+    _f.truncate(1 << 20)
+
+
+class _RecordingMemory(GuestMemory):
+    def __init__(self, regions: list[MemoryRegion]) -> None:
+        super().__init__(regions)
+        self.writable: list[tuple[int, int]] = []
+
+    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+        views = super().buffers(addr, length, writable)
+        if writable:
+            self.writable.append((addr, length))
+        return views
+
+
+def ring_blk(data: bytes) -> None:
+    image = RawImage(_image_path)
+    device = BlkDevice(image, queue_size=QUEUE_SIZE)
+    machine = InProcessMachine(device, memory_size=MEMORY)
+    region = MemoryRegion.anonymous(GUEST_RAM_BASE, MEMORY)
+    memory = _RecordingMemory([region])
+    device.memory = memory
+    machine.memory = memory
+    drv = machine.driver()
+    drv.memory = memory
+    drv.negotiate(
+        bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
+    )
+    q = drv.setup_queues(1)[0]
+    drv.driver_ok()
+    # The fuzzer's bytes become the descriptor table, the available ring and the rest of RAM.
+    blob = data[: MEMORY - 8192]
+    memory.write(GUEST_RAM_BASE + 8192, blob)
+    table = data[:256].ljust(256, b"\0")
+    for i in range(QUEUE_SIZE):
+        addr, length, flags, nxt = struct.unpack_from("<QIHH", table, i * 16)
+        q.write_desc(i, GUEST_RAM_BASE + (addr % MEMORY) if addr & 1 else addr, length, flags, nxt)
+    count = data[272] % (QUEUE_SIZE + 1) if len(data) > 272 else 1
+    heads = list(data[256 : 256 + count])
+    q.publish_heads([h % (QUEUE_SIZE + 1) for h in heads])
+    before = bytes(region.view)
+    memory.writable.clear()
+    try:
+        drv.notify(0)
+    finally:
+        machine.close()
+        image.close()
+    after = bytes(region.view)
+    if before == after:
+        return
+    allowed = [(q.used_addr - GUEST_RAM_BASE, 6 + 8 * QUEUE_SIZE)]
+    allowed += [(a - GUEST_RAM_BASE, n) for a, n in memory.writable]
+    for block in range(0, MEMORY, 256):
+        if before[block : block + 256] == after[block : block + 256]:
+            continue
+        for offset in range(block, block + 256):
+            if before[offset] != after[offset] and not any(s <= offset < s + n for s, n in allowed):
+                raise AssertionError(f"device wrote guest memory at {offset:#x} it was not given")
+
+
+def vhost_user(data: bytes) -> None:
+    image = RawImage(_image_path)
+    device = BlkDevice(image, num_queues=2)
+    backend = VhostUserBackend(device)
+    try:
+        pos = 0
+        while pos + HEADER_SIZE <= len(data):
+            try:
+                request, flags, size = decode_header(data[pos : pos + HEADER_SIZE])
+            except ProtocolError:
+                return
+            payload = data[pos + HEADER_SIZE : pos + HEADER_SIZE + size]
+            pos += HEADER_SIZE + size
+            try:
+                backend.handle(Message(request, flags, payload, []))
+            except ProtocolError:
+                return  # the server closes the connection: a correct outcome
+    finally:
+        backend.close()
+        image.close()
+
+
+def mmio(data: bytes) -> None:
+    image = RawImage(_image_path)
+    device = BlkDevice(image, num_queues=2)
+    machine = InProcessMachine(device, memory_size=MEMORY)
+    try:
+        for i in range(0, len(data) - 7, 8):
+            offset, size_code, value = struct.unpack_from("<HBI", data, i)
+            size = (1, 2, 4, 8, 3)[size_code % 5]
+            if data[i + 7] & 1:
+                machine.write(offset % 0x200, size, value)
+            else:
+                machine.read(offset % 0x200, size)
+        machine.read(Reg.STATUS, 4)
+    finally:
+        machine.close()
+        image.close()
+
+
+def xen_config(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    values = {}
+    for line in text.split("\n"):
+        key, _, value = line.partition("=")
+        values[key] = value
+    with contextlib.suppress(ConfigError):
+        parse_disk(3, 51712, values)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "ring_blk": ring_blk,
+    "vhost_user": vhost_user,
+    "mmio": mmio,
+    "xen_config": xen_config,
+}
