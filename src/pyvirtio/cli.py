@@ -174,12 +174,80 @@ def _add_xen_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = int(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4k, 1m, 2g)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="drive a vhost-user-blk back-end with a workload, no guest needed",
+        description=(
+            "Connect to a vhost-user-blk back-end (pyvirtio blk, qemu-storage-daemon, any "
+            "other) as a VMM would, and run a fio-like workload from this process. Reports "
+            "IOPS, bandwidth, latency percentiles and, with --backend-pid, the back-end's CPU "
+            "time. Exits 1 if any request failed or --verify found a mismatch."
+        ),
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's socket")
+    p.add_argument(
+        "--rw", default="randread", choices=["read", "write", "randread", "randwrite", "randrw"]
+    )
+    p.add_argument("--bs", type=_size, default=4096, metavar="SIZE", help="block size (4k)")
+    p.add_argument(
+        "--iodepth",
+        type=_positive,
+        default=32,
+        metavar="N",
+        help="requests in flight per queue (32)",
+    )
+    p.add_argument("--num-queues", type=_positive, default=1, metavar="N")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--runtime", type=float, metavar="SECONDS", help="run for this long (default 10 s)"
+    )
+    when.add_argument(
+        "--size",
+        type=_size,
+        metavar="BYTES",
+        help="move this many bytes (one pass over a region of this size)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="write patterns and read them back; a mismatch is an error",
+    )
+    p.add_argument(
+        "--backend-pid",
+        type=_positive,
+        metavar="PID",
+        help="report this process's CPU time per request and per GiB",
+    )
+    p.add_argument(
+        "--busy-poll",
+        action="store_true",
+        help="poll the used ring instead of waiting for the call eventfd",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the random offsets")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvirtio", description="VirtIO device backends in Python.")
     parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_blk_parser(sub)
     _add_xen_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -297,6 +365,75 @@ def run_xen(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from pyvirtio.bench.loadgen import BenchError, LoadGenerator, Workload, process_cpu_seconds
+    from pyvirtio.shims.vhost_user.frontend import FrontendError
+
+    workload = Workload(
+        rw=args.rw,
+        bs=args.bs,
+        iodepth=args.iodepth,
+        num_queues=args.num_queues,
+        runtime=None if args.size is not None else (args.runtime or 10.0),
+        size=args.size,
+        verify=args.verify,
+        seed=args.seed,
+        busy_poll=args.busy_poll,
+    )
+    try:
+        gen = LoadGenerator(args.socket, workload)
+    except (BenchError, FrontendError) as exc:
+        raise UsageError(str(exc)) from None
+    cpu_before = process_cpu_seconds(args.backend_pid) if args.backend_pid else 0.0
+    try:
+        result = gen.run(progress=not args.json)
+    except (BenchError, FrontendError) as exc:
+        print(f"pyvirtio bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        gen.close()
+    report: dict[str, object] = {
+        "rw": args.rw,
+        "bs": args.bs,
+        "iodepth": args.iodepth,
+        "num_queues": args.num_queues,
+        "elapsed_s": round(result.elapsed, 6),
+        "completed": result.completed,
+        "iops": round(result.iops, 1),
+        "bw_bytes": round(result.bw_bytes),
+        "lat_ns": {
+            "p50": result.percentile(50),
+            "p99": result.percentile(99),
+            "p999": result.percentile(99.9),
+        },
+        "errors": result.errors,
+        "verify_errors": result.verify_errors,
+    }
+    if args.backend_pid:
+        cpu = process_cpu_seconds(args.backend_pid) - cpu_before
+        report["backend_cpu_s"] = round(cpu, 3)
+        requests = result.completed + result.errors
+        report["backend_cpu_s_per_request"] = cpu / requests if requests else None
+        report["backend_cpu_s_per_gib"] = cpu / (result.bytes / (1 << 30)) if result.bytes else None
+    if args.json:
+        print(json.dumps(report))
+    else:
+        lat = report["lat_ns"]
+        assert isinstance(lat, dict)
+        line = (
+            f"{args.rw} bs={args.bs} iodepth={args.iodepth} queues={args.num_queues}: "
+            f"{result.iops:.0f} IOPS, {result.bw_bytes / (1 << 20):.1f} MiB/s, "
+            f"latency p50 {lat['p50'] / 1000:.0f} us, p99 {lat['p99'] / 1000:.0f} us, "
+            f"p99.9 {lat['p999'] / 1000:.0f} us; errors {result.errors}"
+        )
+        if args.verify:
+            line += f", verify errors {result.verify_errors}"
+        if args.backend_pid:
+            line += f"; back-end CPU {report['backend_cpu_s']} s"
+        print(line)
+    return 1 if result.errors or result.verify_errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -308,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_blk(args)
         if args.command == "xen":
             return run_xen(args)
+        if args.command == "bench":
+            return run_bench(args)
     except UsageError as exc:
         print(f"pyvirtio {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

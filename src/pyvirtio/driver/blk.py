@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pyvirtio.driver.mmio import DriverError
 from pyvirtio.driver.transport import DriverTransport
 from pyvirtio.spec.blk import (
+    CONFIG_SIZE_BASIC,
     DISCARD_SEGMENT,
     ID_BYTES,
     REQ_HEADER,
@@ -79,7 +80,7 @@ class BlkDriver:
         self.segment_size = segment_size
         self._wait = wait
         transport.negotiate(features)
-        self.config = BlkConfig.unpack(transport.read_config_bytes(96))
+        self.config = BlkConfig.unpack(transport.read_config_bytes(CONFIG_SIZE_BASIC))
         available = self.config.num_queues if transport.has(BlkFeature.MQ) else 1
         count = min(num_queues or available, available)
         transport.setup_queues(count, [queue_size] * count if queue_size else None)

@@ -101,6 +101,9 @@ _CONFIG_FIELDS: tuple[tuple[str, str, int], ...] = (
     ("zoned_model", "B", 92),
 )
 CONFIG_SIZE = 96
+#: The config a driver without SECURE_ERASE or ZONED reads (up to write_zeroes_may_unmap and
+#: its padding); vhost-user back-ends answer GET_CONFIG only for sizes they know.
+CONFIG_SIZE_BASIC = 60
 CONFIG_OFFSETS = {name: offset for name, _, offset in _CONFIG_FIELDS}
 #: Offset of the only field a driver writes (``writeback``, with CONFIG_WCE).
 WRITEBACK_OFFSET = CONFIG_OFFSETS["writeback"]

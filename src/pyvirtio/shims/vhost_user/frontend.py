@@ -145,6 +145,8 @@ class VhostUserFrontend:
     def get_config(self, offset: int, size: int) -> bytes:
         payload = ConfigPayload(offset, size, 0, bytes(size)).encode()
         answer = self.request(FrontendReq.GET_CONFIG, payload)
+        if len(answer) <= 12:
+            raise FrontendError(f"GET_CONFIG: the back-end refused {size} bytes at {offset}")
         try:
             config = ConfigPayload.decode(answer)
         except ProtocolError as exc:
