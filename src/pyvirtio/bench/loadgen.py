@@ -194,6 +194,7 @@ class _QueueRunner(threading.Thread):
         perf = time.perf_counter_ns
         pack_header = REQ_HEADER.pack_into
         in_flight: dict[int, _Slot] = {}
+        busy: set[int] = set()
         idle = list(gen.slots[self.index])
         issued = 0
         stopping = False
@@ -210,6 +211,12 @@ class _QueueRunner(threading.Thread):
                     stopping = True
                     break
                 offset, is_write = choice
+                if offset in busy:
+                    # Overlapping requests complete in any order: never issue one (as fio's
+                    # serialize_overlap), so that --verify knows what each block holds.
+                    # Wait for completions and take this block again.
+                    self.next_block -= 1
+                    break
                 slot = idle.pop()
                 if slot.is_write != is_write:
                     slot.lay_out(queue, bs, is_write)
@@ -221,6 +228,7 @@ class _QueueRunner(threading.Thread):
                     dview[:] = pattern(offset, generation, bs)
                 slot.offset = offset
                 slot.started = now
+                busy.add(offset)
                 in_flight[slot.head] = slot
                 heads.append(slot.head)
                 issued += bs
@@ -250,6 +258,7 @@ class _QueueRunner(threading.Thread):
                         "which was not in flight"
                     )
                 slot = done
+                busy.discard(slot.offset)
                 latencies.append(done_at - slot.started)
                 _, dview, sview = views[head]
                 if sview[0] != BlkStatus.OK:
