@@ -19,7 +19,6 @@ import tempfile
 from collections.abc import Callable
 
 from pyvirtio.devices.blk import BlkDevice
-from pyvirtio.memory.guest import GuestMemory, MemoryRegion
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.vhost_user.backend import VhostUserBackend
 from pyvirtio.shims.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
@@ -27,6 +26,7 @@ from pyvirtio.shims.xen.config import ConfigError, parse_disk
 from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.storage.raw import RawImage
+from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
 
 logging.disable(logging.CRITICAL)  # guest errors are expected here, by the thousand
 
@@ -38,28 +38,24 @@ with open(_image_path, "wb") as _f:
     _f.truncate(1 << 20)
 
 
-class _RecordingMemory(GuestMemory):
-    def __init__(self, regions: list[MemoryRegion]) -> None:
-        super().__init__(regions)
-        self.writable: list[tuple[int, int]] = []
+class _RecordingBlk(BlkDevice):
+    """virtio-blk that remembers every device-writable descriptor it was given."""
 
-    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
-        views = super().buffers(addr, length, writable)
-        if writable:
-            self.writable.append((addr, length))
-        return views
+    writable_ranges: list[tuple[int, int]]
+
+    def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        self.writable_ranges += [(a, n) for a, n, f in chain.descriptors if f & 2]
+        return super().handle_chain(queue, chain)
 
 
 def ring_blk(data: bytes) -> None:
     image = RawImage(_image_path)
-    device = BlkDevice(image, queue_size=QUEUE_SIZE)
+    device = _RecordingBlk(image, queue_size=QUEUE_SIZE)
+    device.writable_ranges = []
     machine = InProcessMachine(device, memory_size=MEMORY)
-    region = MemoryRegion.anonymous(GUEST_RAM_BASE, MEMORY)
-    memory = _RecordingMemory([region])
-    device.memory = memory
-    machine.memory = memory
+    memory = machine.memory
+    region = next(iter(memory))
     drv = machine.driver()
-    drv.memory = memory
     drv.negotiate(
         bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
     )
@@ -76,7 +72,6 @@ def ring_blk(data: bytes) -> None:
     heads = list(data[256 : 256 + count])
     q.publish_heads([h % (QUEUE_SIZE + 1) for h in heads])
     before = bytes(region.view)
-    memory.writable.clear()
     try:
         drv.notify(0)
     finally:
@@ -86,7 +81,7 @@ def ring_blk(data: bytes) -> None:
     if before == after:
         return
     allowed = [(q.used_addr - GUEST_RAM_BASE, 6 + 8 * QUEUE_SIZE)]
-    allowed += [(a - GUEST_RAM_BASE, n) for a, n in memory.writable]
+    allowed += [(a - GUEST_RAM_BASE, n) for a, n in device.writable_ranges]
     for block in range(0, MEMORY, 256):
         if before[block : block + 256] == after[block : block + 256]:
             continue

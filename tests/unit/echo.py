@@ -15,10 +15,12 @@ class EchoDevice(VirtioDevice):
     def __init__(self, num_queues: int = 1, queue_size: int = 16) -> None:
         super().__init__(num_queues, queue_size)
         self.seen: list[tuple[int, bytes, int]] = []  # (head, readable bytes, writable length)
+        self.writable_ranges: list[tuple[int, int]] = []  # every device-writable descriptor
 
     def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         data = b"".join(bytes(v) for v in chain.readable)
         self.seen.append((chain.head, data, chain.write_len))
+        self.writable_ranges += [(a, n) for a, n, f in chain.descriptors if f & 2]
         if chain.fault:
             return 0
         pattern = (data or b"\x5a") * (chain.write_len // max(1, len(data)) + 1)

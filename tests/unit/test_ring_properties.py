@@ -9,12 +9,9 @@
 
 from __future__ import annotations
 
-import struct
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvirtio.memory.guest import GuestMemory, MemoryRegion
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.spec import ring
 from pyvirtio.spec.features import Feature, bit
@@ -73,20 +70,6 @@ def test_valid_chains_round_trip(
     machine.close()
 
 
-class RecordingMemory(GuestMemory):
-    """Guest memory that remembers every range handed out for writing."""
-
-    def __init__(self, regions: list[MemoryRegion]) -> None:
-        super().__init__(regions)
-        self.writable: list[tuple[int, int]] = []
-
-    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
-        views = super().buffers(addr, length, writable)
-        if writable:
-            self.writable.append((addr, length))
-        return views
-
-
 # Mostly plausible values, sometimes wild ones: that is where the walker's checks are.
 addresses = st.one_of(
     st.integers(GUEST_RAM_BASE, GUEST_RAM_BASE + MEMORY),
@@ -112,15 +95,11 @@ nexts = st.one_of(st.integers(0, QUEUE_SIZE - 1), st.integers(0, 0xFFFF))
 def test_random_rings_never_escape(
     descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int | None, tables: bytes
 ) -> None:
-    region = MemoryRegion.anonymous(GUEST_RAM_BASE, MEMORY)
-    memory = RecordingMemory([region])
     device = EchoDevice(queue_size=QUEUE_SIZE)
     machine = InProcessMachine(device, memory_size=MEMORY)
-    machine.memory = memory
-    device.memory = memory
+    memory = machine.memory
+    region = next(iter(memory))
     drv = machine.driver()
-    drv.memory = memory
-    drv.allocator.__init__(GUEST_RAM_BASE, MEMORY)  # type: ignore[misc]
     drv.negotiate(FEATURES)
     q = drv.setup_queues(1)[0]
     drv.driver_ok()
@@ -133,25 +112,13 @@ def test_random_rings_never_escape(
     if avail_idx is not None:
         q.set_avail_idx(avail_idx)
     before = bytes(region.view)
-    memory.writable.clear()
 
     drv.notify(0)  # must not raise
 
     after = bytes(region.view)
     used = (q.used_addr - GUEST_RAM_BASE, ring.used_ring_size(QUEUE_SIZE))
-    allowed = [used] + [(a - GUEST_RAM_BASE, n) for a, n in memory.writable]
+    allowed = [used] + [(a - GUEST_RAM_BASE, n) for a, n in device.writable_ranges]
     for offset in (i for i in range(MEMORY) if before[i] != after[i]):
         assert any(start <= offset < start + n for start, n in allowed), hex(offset)
-    # Every range handed out for writing was a device-writable descriptor inside memory.
-    for addr, n in memory.writable:
-        assert addr >= GUEST_RAM_BASE and addr + n <= GUEST_RAM_BASE + MEMORY
     assert device.broken is None or drv.status & DeviceStatus.NEEDS_RESET
     machine.close()
-
-
-def test_recording_memory_records() -> None:
-    memory = RecordingMemory([MemoryRegion.anonymous(0, 4096)])
-    memory.buffers(16, 8, True)
-    memory.buffers(32, 8, False)
-    assert memory.writable == [(16, 8)]
-    assert struct.calcsize("<QIHH") == ring.DESC_SIZE

@@ -131,6 +131,14 @@ class GuestMemory:
                 return region
         return None
 
+    def direct_regions(self) -> list[tuple[int, int, memoryview]]:
+        """(start, end, view) of every region mapped for good, for the ring's fast path.
+
+        Subclasses that map on demand return only what they never unmap (possibly nothing);
+        everything else goes through :meth:`buffers`.
+        """
+        return [(r.gpa, r.end, r.view) for r in self._regions]
+
     def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
         """Views covering guest range ``[addr, addr+length)``, one per region it touches.
 

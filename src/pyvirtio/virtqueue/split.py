@@ -79,6 +79,7 @@ class SplitQueue:
         self._signalled_used = 0
         self._shadow_avail_idx = 0
         self._memory: GuestMemory | None = None
+        self._flat: list[tuple[int, int, memoryview]] = []
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None  # le16 view: flags, idx, ring[size], used_event
         self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
@@ -127,6 +128,7 @@ class SplitQueue:
         self._used16 = used.cast("H")
         self._used32 = used[: 4 + ring.USED_ELEM_SIZE * size].cast("I")
         self._memory = memory
+        self._flat = memory.direct_regions()
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail_idx = last_avail_idx & 0xFFFF
@@ -153,6 +155,7 @@ class SplitQueue:
                 view.release()
         self._avail = self._used16 = self._used32 = self._desc = None
         self._memory = None
+        self._flat = []
 
     # -- available ring ------------------------------------------------------------------------
 
@@ -199,85 +202,95 @@ class SplitQueue:
         table = self._desc
         memory = self._memory
         assert table is not None and memory is not None
+        flat = self._flat
         chain = DescriptorChain(head)
         descriptors = chain.descriptors
+        readable = chain.readable
+        writable = chain.writable
+        read_len = write_len = 0
         i = head
         limit = size  # §2.7.5.3.1: a chain is no longer than the queue (or its indirect table)
-        indirect_table: memoryview | None = None
+        in_indirect = False
         seen_write = False
-        total = 0
+        unpack = DESC.unpack_from
         while True:
             if limit == 0:
                 raise VirtqueueError(
                     f"queue {self.index}: chain from head {head} loops or is too long"
                 )
             limit -= 1
-            addr, length, flags, nxt = DESC.unpack_from(table, i * DESC_SIZE)
+            addr, length, flags, nxt = unpack(table, i * DESC_SIZE)
             if flags & _INDIRECT:
-                if indirect_table is not None:
-                    raise VirtqueueError(
-                        f"queue {self.index}: indirect descriptor inside an indirect table"
-                    )
-                if not self.indirect:
-                    raise VirtqueueError(f"queue {self.index}: INDIRECT_DESC was not negotiated")
-                if flags & _NEXT:
-                    raise VirtqueueError(
-                        f"queue {self.index}: descriptor has both INDIRECT and NEXT"
-                    )
-                if length == 0 or length % DESC_SIZE:
-                    raise VirtqueueError(
-                        f"queue {self.index}: indirect table length {length} is not k * 16"
-                    )
-                count = length // DESC_SIZE
-                if count > size:
-                    raise VirtqueueError(
-                        f"queue {self.index}: indirect table of {count} entries exceeds queue size"
-                    )
-                try:
-                    views = memory.buffers(addr, length, False)
-                except GuestMemoryError as exc:
-                    raise VirtqueueError(f"queue {self.index}: indirect table: {exc}") from None
-                # Each entry is read once (unpack_from copies it), so a racing guest cannot
-                # make the walk see two versions of one descriptor.
-                indirect_table = views[0] if len(views) == 1 else memoryview(b"".join(views))
-                table = indirect_table
-                size = count
-                limit = count
+                table = self._indirect_table(addr, length, flags, in_indirect)
+                size = limit = len(table) // DESC_SIZE
+                in_indirect = True
                 i = 0
                 continue
+            descriptors.append((addr, length, flags))
             if flags & _WRITE:
                 seen_write = True
+                write_len += length
             elif seen_write:
                 raise VirtqueueError(
                     f"queue {self.index}: readable descriptor after a writable one"
                 )
-            total += length
-            if total > _U32_MAX:
+            else:
+                read_len += length
+            if read_len + write_len > _U32_MAX:
                 raise VirtqueueError(f"queue {self.index}: chain from head {head} exceeds 4 GiB")
-            descriptors.append((addr, length, flags))
+            if length:
+                # Fast path: the buffer lies in a directly mapped region (the usual case).
+                for start, end, view in flat:
+                    if start <= addr and addr + length <= end:
+                        buf = view[addr - start : addr - start + length]
+                        if flags & _WRITE:
+                            writable.append(buf)
+                        else:
+                            readable.append(buf.toreadonly())
+                        break
+                else:
+                    try:
+                        views = memory.buffers(addr, length, bool(flags & _WRITE))
+                    except GuestMemoryError as exc:
+                        chain.fault = str(exc)
+                    else:
+                        (writable if flags & _WRITE else readable).extend(views)
             if not flags & _NEXT:
                 break
             if nxt >= size:
                 raise VirtqueueError(f"queue {self.index}: next index {nxt} out of range {size}")
             i = nxt
-        for addr, length, flags in descriptors:
-            if length == 0:
-                continue
-            writable = bool(flags & _WRITE)
-            if writable:
-                chain.write_len += length
-            else:
-                chain.read_len += length
-            try:
-                views = memory.buffers(addr, length, writable)
-            except GuestMemoryError as exc:
-                chain.fault = str(exc)
-                continue
-            if writable:
-                chain.writable += views
-            else:
-                chain.readable += views
+        chain.read_len = read_len
+        chain.write_len = write_len
         return chain
+
+    def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
+        """The indirect table a descriptor points to, after §2.7.5.3's checks."""
+        if nested:
+            raise VirtqueueError(
+                f"queue {self.index}: indirect descriptor inside an indirect table"
+            )
+        if not self.indirect:
+            raise VirtqueueError(f"queue {self.index}: INDIRECT_DESC was not negotiated")
+        if flags & _NEXT:
+            raise VirtqueueError(f"queue {self.index}: descriptor has both INDIRECT and NEXT")
+        if length == 0 or length % DESC_SIZE:
+            raise VirtqueueError(
+                f"queue {self.index}: indirect table length {length} is not k * 16"
+            )
+        # Tables may hold seg_max + 2 entries, and seg_max derives from the largest queue.
+        if length // DESC_SIZE > self.max_size:
+            raise VirtqueueError(
+                f"queue {self.index}: indirect table of {length // DESC_SIZE} entries"
+            )
+        assert self._memory is not None
+        try:
+            views = self._memory.buffers(addr, length, False)
+        except GuestMemoryError as exc:
+            raise VirtqueueError(f"queue {self.index}: indirect table: {exc}") from None
+        # Each entry is read once (unpack_from copies it), so a racing guest cannot make the
+        # walk see two versions of one descriptor.
+        return views[0] if len(views) == 1 else memoryview(b"".join(views))
 
     # -- used ring -----------------------------------------------------------------------------
 

@@ -163,6 +163,15 @@ class ForeignGuestMemory(GuestMemory):
                 raise GuestMemoryError(addr, length, "is not RAM of the guest")
         return mapping.view[offset : offset + length]
 
+    def direct_regions(self) -> list[tuple[int, int, memoryview]]:
+        if not self.static:
+            return []
+        return [
+            (index << BUCKET_SHIFT, (index + 1) << BUCKET_SHIFT, m.view)
+            for index, m in self._buckets.items()
+            if not m.bad
+        ]
+
     def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
         if addr < 0 or addr + length > 1 << 52:
             raise GuestMemoryError(addr, length)
