@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 all: test
 
 deps:
-	scripts/host-deps base guest
+	scripts/host-deps base guest xen
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
