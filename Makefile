@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lint unit e2e test demo fuzz clean
+.PHONY: all deps venv lint unit e2e test demo fuzz bench clean
 
 all: test
 
@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check src tests rigs fuzz
-	$(VENV)/bin/ruff format --check src tests rigs fuzz
+	$(VENV)/bin/ruff check src tests rigs fuzz bench
+	$(VENV)/bin/ruff format --check src tests rigs fuzz bench
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -42,6 +42,13 @@ fuzz: venv
 		$(PY) -m fuzz.run $$t -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 \
 			-artifact_prefix=out/fuzz/crash-$$t- out/fuzz/$$t || exit 1; \
 	done
+
+# Benchmarks against qemu-storage-daemon (and QEMU's own virtio-blk); results in out/bench.
+BENCH_ROUNDS ?= 3
+BENCH_RUNTIME ?= 3
+bench: deps venv
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench.loadgen_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 
 demo: deps venv
 	$(PY) -m rigs.demo

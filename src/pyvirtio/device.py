@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Executor, Future
 from typing import ClassVar, Protocol
 
 from pyvirtio.memory.guest import GuestMemory
@@ -53,6 +54,10 @@ class VirtioDevice:
     """Base class of devices. Subclasses set ``device_id`` and implement the hooks below."""
 
     device_id: ClassVar[DeviceId]
+    #: Runs large requests in parallel when a shim sets it (the vhost-user CLI's --io-threads).
+    executor: Executor | None = None
+    #: Requests of at least this many bytes go to the executor.
+    parallel_threshold = 64 * 1024
 
     def __init__(self, num_queues: int, queue_size: int) -> None:
         if num_queues < 1:
@@ -210,21 +215,36 @@ class VirtioDevice:
     # -- queue processing ----------------------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        """Drain queue ``index``: handle every available chain, then interrupt if asked to."""
+        """Drain queue ``index``: handle every available chain, then interrupt if asked to.
+
+        With an ``executor``, chains of at least ``parallel_threshold`` bytes run on it while
+        the others are handled here; the batch is published once all of them are done.
+        """
         queue = self.queues[index]
         if not queue.active or self.broken is not None:
             return
+        executor = self.executor
+        threshold = self.parallel_threshold
+        pending: list[tuple[DescriptorChain, Future[int]]] = []
         try:
             queue.disable_notifications()
             while True:
                 while (chain := queue.pop()) is not None:
-                    queue.push(chain.head, self.handle_chain(queue, chain))
+                    if executor is not None and chain.read_len + chain.write_len >= threshold:
+                        pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
+                    else:
+                        queue.push(chain.head, self.handle_chain(queue, chain))
+                while pending:
+                    chain, future = pending.pop(0)
+                    queue.push(chain.head, future.result())
                 if queue.publish():
                     self.events.queue_interrupt(index)
                 if not queue.enable_notifications():
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:
+            for _, future in pending:  # they write guest memory: let them finish first
+                future.exception()
             if queue.publish():
                 self.events.queue_interrupt(index)
             self.fail(str(exc))

@@ -455,3 +455,24 @@ def test_segment_descriptor_flags_are_what_linux_sends(blk: Blk) -> None:
     assert [f & DescFlag.WRITE for f in flags] == [0, DescFlag.WRITE, DescFlag.WRITE]
     blk.driver.transport.notify(0)
     blk.driver.wait([req])
+
+
+def test_large_requests_on_an_executor(make_blk: Callable[..., Blk]) -> None:
+    """Requests above the threshold run on the executor; the batch still completes in full."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blk = make_blk(threaded=True, queue_size=256)
+    blk.device.executor = ThreadPoolExecutor(2)
+    blk.device.parallel_threshold = 8192
+    drv = blk.driver
+    drv.segment_size = 65536
+    blobs = [os.urandom(n) for n in (512, 16384, 4096, 65536, 131072, 1024)]
+    reqs = [
+        drv.submit(BlkRequestType.OUT, i * 512, data_out=b, kick=False) for i, b in enumerate(blobs)
+    ]
+    drv.transport.notify(0)
+    drv.wait(reqs)
+    assert [r.status for r in reqs] == [BlkStatus.OK] * len(blobs)
+    for i, b in enumerate(blobs):
+        assert drv.read(i * 512, len(b)) == b
+    blk.device.executor.shutdown()

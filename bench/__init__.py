@@ -1,0 +1,1 @@
+"""Benchmark suites: `make bench` runs them (see docs/performance.md)."""

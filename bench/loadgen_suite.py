@@ -1,0 +1,213 @@
+"""pyvirtio blk against qemu-storage-daemon, driven by pyvirtio's load generator (no guest).
+
+Both back-ends serve the same image, one at a time, in interleaved rounds (the order alternates
+from round to round); each workload's figures are compared as per-round ratios and the medians
+of those ratios are reported. The generator's own ceiling is measured against
+qemu-storage-daemon's null-co device (no I/O at all).
+
+    python -m bench.loadgen_suite [--rounds 3] [--runtime 3] [--out out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.backends import Backend, start_pyvirtio, start_qsd
+from pyvirtio.bench.loadgen import LoadGenerator, Workload, process_cpu_seconds
+
+#: (rw, block size, iodepth)
+WORKLOADS = [
+    ("randread", 4096, 1),
+    ("randread", 4096, 32),
+    ("randread", 4096, 128),
+    ("randwrite", 4096, 1),
+    ("randwrite", 4096, 32),
+    ("randwrite", 4096, 128),
+    ("read", 65536, 16),
+    ("write", 65536, 16),
+    ("read", 1 << 20, 4),
+    ("write", 1 << 20, 4),
+]
+IMAGE_SIZE = 512 << 20
+
+
+def label(rw: str, bs: int, depth: int) -> str:
+    size = f"{bs >> 20}M" if bs >= 1 << 20 else f"{bs >> 10}K"
+    return f"{rw} {size} QD{depth}"
+
+
+def measure(backend: Backend, rw: str, bs: int, depth: int, runtime: float) -> dict[str, float]:
+    gen = LoadGenerator(str(backend.socket), Workload(rw=rw, bs=bs, iodepth=depth, runtime=runtime))
+    try:
+        cpu0 = process_cpu_seconds(backend.pid)
+        result = gen.run()
+        cpu = process_cpu_seconds(backend.pid) - cpu0
+    finally:
+        gen.close()
+    if result.errors:
+        raise RuntimeError(f"{backend.name}: {result.errors} failed requests in {rw}")
+    requests = max(1, result.completed)
+    return {
+        "iops": result.iops,
+        "bw_bytes": result.bw_bytes,
+        "p50_us": result.percentile(50) / 1000,
+        "p99_us": result.percentile(99) / 1000,
+        "p999_us": result.percentile(99.9) / 1000,
+        "cpu_s": cpu,
+        "cpu_us_per_request": cpu / requests * 1e6,
+        "cpu_s_per_gib": cpu / (result.bytes / (1 << 30)) if result.bytes else 0.0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtime", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pyvirtio-bench-"))
+    image = work / "disk.img"
+    with image.open("wb") as f:  # real data, so that reads are reads and not holes
+        chunk = os.urandom(1 << 20)
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(chunk)
+
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for rnd in range(args.rounds):
+        order = ["pyvirtio", "qemu-storage-daemon"]
+        if rnd % 2:
+            order.reverse()
+        for name in order:
+            sock = work / f"{name}.sock"
+            backend = (
+                start_pyvirtio(image, sock, 1) if name == "pyvirtio" else start_qsd(image, sock, 1)
+            )
+            try:
+                for rw, bs, depth in WORKLOADS:
+                    key = label(rw, bs, depth)
+                    figures = measure(backend, rw, bs, depth, args.runtime)
+                    runs.setdefault(key, {}).setdefault(name, []).append(figures)
+                    print(
+                        f"round {rnd + 1} {name:20} {key:18} {figures['iops']:9.0f} IOPS "
+                        f"{figures['bw_bytes'] / 2**20:8.1f} MiB/s "
+                        f"{figures['cpu_us_per_request']:7.1f} us CPU/req",
+                        flush=True,
+                    )
+            finally:
+                backend.stop()
+
+    ceiling = {}
+    null = start_qsd(None, work / "null.sock", 1)
+    try:
+        for rw, bs, depth in (
+            ("randread", 4096, 32),
+            ("randread", 4096, 128),
+            ("read", 1 << 20, 4),
+        ):
+            ceiling[label(rw, bs, depth)] = measure(null, rw, bs, depth, args.runtime)
+    finally:
+        null.stop()
+
+    summary = []
+    for key, by_backend in runs.items():
+        ours, theirs = by_backend["pyvirtio"], by_backend["qemu-storage-daemon"]
+        ratio = lambda f: statistics.median(a[f] / b[f] for a, b in zip(ours, theirs) if b[f])  # noqa: E731
+        summary.append(
+            {
+                "workload": key,
+                "pyvirtio_iops": statistics.median(r["iops"] for r in ours),
+                "qsd_iops": statistics.median(r["iops"] for r in theirs),
+                "iops_ratio": ratio("iops"),
+                "bw_ratio": ratio("bw_bytes"),
+                "cpu_per_request_ratio": ratio("cpu_us_per_request"),
+                "cpu_per_gib_ratio": ratio("cpu_s_per_gib"),
+                "pyvirtio_p99_us": statistics.median(r["p99_us"] for r in ours),
+                "qsd_p99_us": statistics.median(r["p99_us"] for r in theirs),
+                "pyvirtio_cpu_us_per_request": statistics.median(
+                    r["cpu_us_per_request"] for r in ours
+                ),
+                "qsd_cpu_us_per_request": statistics.median(
+                    r["cpu_us_per_request"] for r in theirs
+                ),
+            }
+        )
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "python": platform.python_version(),
+        "rounds": args.rounds,
+        "runtime_s": args.runtime,
+        "image_mib": IMAGE_SIZE >> 20,
+    }
+    (args.out / "loadgen.json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": summary, "runs": runs, "generator_ceiling": ceiling}, indent=1
+        )
+    )
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}, Python {meta['python']}; "
+        f"{args.rounds} interleaved rounds of {args.runtime:g} s per workload, medians of "
+        "per-round ratios (pyvirtio / qemu-storage-daemon; for CPU lower is better).",
+        "",
+        "| workload | pyvirtio IOPS | QSD IOPS | IOPS ratio | CPU/request ratio | CPU/GiB ratio "
+        "| p99 pyvirtio / QSD (us) | CPU us/request pyvirtio / QSD |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['workload']} | {s['pyvirtio_iops']:.0f} | {s['qsd_iops']:.0f} "
+            f"| {s['iops_ratio']:.2f} | {s['cpu_per_request_ratio']:.2f} "
+            f"| {s['cpu_per_gib_ratio']:.2f} | {s['pyvirtio_p99_us']:.0f} / {s['qsd_p99_us']:.0f} "
+            f"| {s['pyvirtio_cpu_us_per_request']:.1f} / {s['qsd_cpu_us_per_request']:.1f} |"
+        )
+    lines += ["", "Generator ceiling (qemu-storage-daemon null-co, no I/O):", ""]
+    for key, f in ceiling.items():
+        lines.append(f"- {key}: {f['iops']:.0f} IOPS, {f['bw_bytes'] / 2**20:.0f} MiB/s")
+    (args.out / "loadgen.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        chart(summary, runs, args.out / "loadgen.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+
+
+def chart(
+    summary: list[dict[str, float | str]],
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+    path: Path,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [str(s["workload"]) for s in summary]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7))
+    width = 0.4
+    xs = range(len(keys))
+    for i, name in enumerate(("pyvirtio", "qemu-storage-daemon")):
+        iops = [statistics.median(r["iops"] for r in runs[k][name]) for k in keys]
+        cpu = [statistics.median(r["cpu_us_per_request"] for r in runs[k][name]) for k in keys]
+        ax1.bar([x + (i - 0.5) * width for x in xs], iops, width, label=name)
+        ax2.bar([x + (i - 0.5) * width for x in xs], cpu, width, label=name)
+    ax1.set_ylabel("IOPS (median)")
+    ax2.set_ylabel("back-end CPU us / request")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
+        ax.legend()
+    ax1.set_title("vhost-user-blk back-ends driven by pyvirtio bench (no guest)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
