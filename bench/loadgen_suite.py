@@ -119,7 +119,14 @@ def main() -> None:
     summary = []
     for key, by_backend in runs.items():
         ours, theirs = by_backend["pyvirtio"], by_backend["qemu-storage-daemon"]
-        ratio = lambda f: statistics.median(a[f] / b[f] for a, b in zip(ours, theirs) if b[f])  # noqa: E731
+
+        def ratio(
+            field: str, ours: list[dict[str, float]] = ours, theirs: list[dict[str, float]] = theirs
+        ) -> float:
+            return statistics.median(
+                a[field] / b[field] for a, b in zip(ours, theirs, strict=True) if b[field]
+            )
+
         summary.append(
             {
                 "workload": key,
