@@ -54,6 +54,9 @@ MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
 #: Largest single data segment the driver may use (SIZE_MAX).
 SIZE_MAX = 1 << 20
+#: Rings of up to this many descriptors are accepted whatever the configured queue size.
+RING_SIZE_ACCEPTED = 1024
+MAX_RING_SIZE = 32768
 
 
 class _RateLimitedLog:
@@ -101,6 +104,8 @@ class BlkDevice(VirtioDevice):
             )
         if queue_size < 4:
             raise ValueError("virtio-blk needs queues of at least 4 descriptors")
+        if queue_size & (queue_size - 1) or queue_size > MAX_RING_SIZE:
+            raise ValueError(f"queue size {queue_size} is not a power of two up to 32768")
         serial_bytes = serial.encode()
         if len(serial_bytes) > ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
@@ -115,7 +120,9 @@ class BlkDevice(VirtioDevice):
         self._dsync = writethrough
         self._errors = _RateLimitedLog()
         self.capacity_bytes = self._usable_size(image.size)
-        super().__init__(num_queues, queue_size)
+        # seg_max derives from the ring size the VMM is configured with; rings up to
+        # RING_SIZE_ACCEPTED are accepted anyway (QEMU's virtio-mmio devices always use 1024).
+        super().__init__(num_queues, max(queue_size, RING_SIZE_ACCEPTED))
         self._config = self._build_config()
 
     def _usable_size(self, size: int) -> int:

@@ -108,6 +108,18 @@ class InflightRegion:
             self.counter = last + 1
         return pending
 
+    @classmethod
+    def attach(cls, view: memoryview) -> InflightRegion:
+        """A region in an area of any origin: its header says how many descriptors it tracks;
+        a fresh (zero) region gets as many as fit, rounded down to a power of two."""
+        _, version, desc_num, _, _ = HEADER.unpack_from(view)
+        if version == 0:
+            fit = (len(view) - HEADER_SIZE) // DESC_SIZE
+            desc_num = 1 << (fit.bit_length() - 1) if fit > 0 else 0
+        if not 0 < desc_num <= 32768:
+            raise ValueError(f"in-flight region for {desc_num} descriptors")
+        return cls(view, desc_num)
+
     def release(self) -> None:
         self._flags.release()
         self.view.release()

@@ -107,7 +107,7 @@ class SplitQueue:
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
             raise VirtqueueError(f"queue {self.index}: bad size {size}")
-        if self.inflight is not None and self.inflight.queue_size != size:
+        if self.inflight is not None and self.inflight.queue_size < size:
             raise VirtqueueError(
                 f"queue {self.index}: size {size}, in-flight area for {self.inflight.queue_size}"
             )

@@ -472,17 +472,24 @@ class VhostUserBackend:
     # -- in-flight tracking --------------------------------------------------------------------
 
     def _get_inflight_fd(self, msg: Message) -> Reply:
-        """Allocate the tracking area (a sealed memfd the front-end keeps across restarts)."""
+        """Allocate the tracking area (a sealed memfd the front-end keeps across restarts).
+
+        Each queue's region is sized for the largest ring the device accepts, not only for the
+        size the front-end asks about: QEMU's virtio-mmio devices ask for their queue-size
+        property and then use 1024-entry rings. Regions describe their own size, so the
+        front-end's numbers on SET_INFLIGHT_FD do not matter.
+        """
         desc = InflightDesc.decode(msg.payload)
         self._check_inflight(desc)
-        size = desc.num_queues * queue_region_size(desc.queue_size)
+        entries = max([desc.queue_size, *(q.max_size for q in self.device.queues)])
+        size = desc.num_queues * queue_region_size(entries)
         fd = os.memfd_create("pyvirtio-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(
                 fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
             )
-            self._attach_inflight(fd, InflightDesc(size, 0, desc.num_queues, desc.queue_size))
+            self._attach_inflight(fd, InflightDesc(size, 0, desc.num_queues, entries))
         except BaseException:
             os.close(fd)
             raise
@@ -495,8 +502,6 @@ class VhostUserBackend:
         fd = msg.fds.pop()
         try:
             self._check_inflight(desc)
-            if desc.mmap_size < desc.num_queues * queue_region_size(desc.queue_size):
-                raise VhostUserError(f"in-flight area of {desc.mmap_size} bytes is too small")
             self._attach_inflight(fd, desc)
         finally:
             os.close(fd)
@@ -511,19 +516,24 @@ class VhostUserBackend:
             raise VhostUserError("in-flight area changed while rings run")
 
     def _attach_inflight(self, fd: int, desc: InflightDesc) -> None:
+        """Map the area and give each queue its region (mmap_size split evenly)."""
         self._detach_inflight()
+        step = desc.mmap_size // desc.num_queues
+        if step < queue_region_size(4) or step % 64:
+            raise VhostUserError(
+                f"in-flight area of {desc.mmap_size} bytes for {desc.num_queues} queues"
+            )
         try:
             m = mmap.mmap(fd, desc.mmap_size, flags=mmap.MAP_SHARED, offset=desc.mmap_offset)
         except (OSError, ValueError, OverflowError) as exc:
             raise VhostUserError(f"cannot map the in-flight area: {exc}") from None
         self._inflight_map = m
-        step = queue_region_size(desc.queue_size)
         view = memoryview(m)
         try:
             for i in range(desc.num_queues):
                 region = view[i * step : (i + 1) * step]
                 try:
-                    self.device.queues[i].inflight = InflightRegion(region, desc.queue_size)
+                    self.device.queues[i].inflight = InflightRegion.attach(region)
                 except ValueError as exc:
                     raise VhostUserError(str(exc)) from None
         finally:
