@@ -1,0 +1,140 @@
+"""The Xen 4.17 hypervisor, rebuilt from Debian's ``xen`` source package with the IOREQ server.
+
+Debian's arm64 build has ``CONFIG_IOREQ_SERVER`` off (it needs ``CONFIG_EXPERT``), so the
+hypervisor is cross-built from the orig tarball with Debian's own configuration
+(``/boot/xen-4.17-arm64.config`` of ``xen-hypervisor-4.17-arm64``, same version) plus
+``CONFIG_EXPERT=y`` and ``CONFIG_IOREQ_SERVER=y``. The result is cached under
+``<cache>/xen/hypervisor/<version>-<hash>/xen``; the hash covers the configuration and the
+compiler version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rigs import RigError
+from rigs.host import find_tool
+from rigs.xen.apt import ForeignApt
+from rigs.xen.packages import Packages
+
+SOURCE_PACKAGE = "xen"
+CONFIG_PACKAGE = "xen-hypervisor-4.17-arm64"
+CONFIG_FILE = "boot/xen-4.17-arm64.config"
+EXTRA_CONFIG = ("CONFIG_EXPERT=y", "CONFIG_IOREQ_SERVER=y")
+CROSS_COMPILE = "aarch64-linux-gnu-"
+BUILD_FORMAT = 1  # bump to rebuild
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    """A built hypervisor image (the ``-kernel`` of the QEMU machine) and its .config."""
+
+    version: str  # the Debian source version it was built from
+    image: Path
+    config: Path
+
+    def config_value(self, option: str) -> str | None:
+        """``y``/value of ``CONFIG_<option>`` in the build configuration, or None."""
+        prefix = f"CONFIG_{option}="
+        for line in self.config.read_text().splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        return None
+
+
+def source_version(apt: ForeignApt, into: Path) -> tuple[str, list[str], Path]:
+    """The newest ``xen`` source version whose files can be had: (version, its binary
+    package names, the orig tarball). Already downloaded tarballs are used first; versions
+    whose files the mirror lacks (a 404, seen for security updates) are skipped."""
+    versions = apt.source_versions(SOURCE_PACKAGE)
+    if not versions:
+        raise RigError("no deb-src entry for xen: are the deb-src lists updated?")
+    errors: list[str] = []
+    into.mkdir(parents=True, exist_ok=True)
+    for version, binaries in versions.items():
+        dest = into / version
+        origs = sorted(dest.glob("*.orig.tar.*")) if dest.is_dir() else []
+        failed = into / f".unavailable-{version}"
+        if not origs and failed.exists() and failed.stat().st_mtime >= apt.lists_time():
+            errors.append(f"{version}: failed before (since the last apt-get update)")
+            continue
+        if not origs:
+            with tempfile.TemporaryDirectory(dir=into, prefix=".src-") as tmp:
+                try:
+                    apt.download_source(SOURCE_PACKAGE, version, Path(tmp))
+                except RigError as err:
+                    errors.append(f"{version}: {str(err)[-300:]}")
+                    failed.write_text(str(err))
+                    continue
+                shutil.rmtree(dest, ignore_errors=True)
+                Path(tmp).rename(dest)
+                dest.chmod(0o755)
+            origs = sorted(dest.glob("*.orig.tar.*"))
+        if origs:
+            return version, binaries, origs[0]
+    raise RigError("no xen source version could be downloaded:\n" + "\n".join(errors))
+
+
+def _compiler_version() -> str:
+    gcc = find_tool(f"{CROSS_COMPILE}gcc")
+    return subprocess.run([str(gcc), "--version"], capture_output=True, text=True).stdout
+
+
+def _make(args: list[str], cwd: Path, log: Path) -> None:
+    base = ["make", "-C", "xen", "XEN_TARGET_ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
+    with log.open("a") as out:
+        proc = subprocess.run([*base, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RigError(f"make {' '.join(args)} failed (log: {log}):\n{tail}")
+
+
+def ensure_hypervisor(packages: Packages, version: str, orig: Path, into: Path) -> Hypervisor:
+    """Build (once) the hypervisor of source ``version`` from ``orig`` into ``into``."""
+    debian = packages.need(CONFIG_PACKAGE)
+    base_config = debian.root / CONFIG_FILE
+    if not base_config.is_file():
+        raise RigError(f"{debian.key} has no /{CONFIG_FILE}")
+    config_text = base_config.read_text() + "".join(f"{c}\n" for c in EXTRA_CONFIG)
+    digest = hashlib.sha256(
+        f"{BUILD_FORMAT}\n{debian.key}\n{config_text}\n{_compiler_version()}".encode()
+    ).hexdigest()[:12]
+    out = into / f"{version}-{digest}"
+    built = Hypervisor(version, out / "xen", out / "config")
+    if built.image.is_file() and built.config.is_file():
+        return built
+    for tool in ("make", "flex", "bison", f"{CROSS_COMPILE}gcc", f"{CROSS_COMPILE}ld"):
+        find_tool(tool)
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
+        work = Path(tmp)
+        with tarfile.open(orig) as tar:
+            tar.extractall(work, filter="data")
+        tops = [p for p in work.iterdir() if p.is_dir()]
+        if len(tops) != 1 or not (tops[0] / "xen" / "Makefile").is_file():
+            raise RigError(f"{orig.name} does not unpack to one tree with xen/Makefile")
+        src = tops[0]
+        (src / "xen" / ".config").write_text(config_text)
+        log = work / "build.log"
+        _make(["olddefconfig"], src, log)
+        _make([f"-j{os.cpu_count() or 1}"], src, log)
+        config = (src / "xen" / ".config").read_text()
+        for wanted in EXTRA_CONFIG:
+            if wanted not in config.splitlines():
+                raise RigError(f"the built xen has no {wanted} after olddefconfig")
+        stage = work / "out"
+        stage.mkdir()
+        shutil.copy2(src / "xen" / "xen", stage / "xen")
+        (stage / "config").write_text(config)
+        shutil.copy2(log, stage / "build.log")
+        shutil.rmtree(out, ignore_errors=True)
+        stage.rename(out)
+        out.chmod(0o755)
+    return built

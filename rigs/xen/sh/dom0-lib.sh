@@ -1,0 +1,180 @@
+# rigs.xen dom0 test library, sourced at the top of /test.sh (busybox sh).
+#
+# Output protocol (serial console, parsed by rigs.xen.qemu): "@@RESULT <key> <value>" lines;
+# /init prints "@@EXIT <status of /test.sh>". "## ..." lines are commentary, "name| ..." lines
+# are copies of logs (the backend's, a domU console's, xenstore dumps).
+export PYTHONPATH=/opt/pyvirtio
+RIGS_BACKEND=${RIGS_BACKEND-$(cat /etc/rigs/backend 2>/dev/null)}
+RIGS_BACKEND_READY=${RIGS_BACKEND_READY-$(cat /etc/rigs/backend-ready 2>/dev/null)}
+CONSOLE_DIR=/var/log/xen/console
+DOMU_KERNEL=/domu/Image
+DOMU_INITRD=/domu/initrd
+DOMU_MEMORY=${DOMU_MEMORY:-256}
+DOMU_EXTRA=${DOMU_EXTRA:-quiet}
+BACKEND_PID=
+BACKEND_LOG=/tmp/backend.log
+
+result() { _k=$1; shift; echo "@@RESULT $_k $*"; }
+say() { echo "## $*"; }
+fail() { echo "@@RESULT fail $*"; exit 1; }
+now() { cut -d' ' -f1 /proc/uptime; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- the backend daemon ---------------------------------------------------------------------
+# backend_start [ARGS...]: start "$RIGS_BACKEND ARGS" in the background (log: $BACKEND_LOG);
+# wait until its log matches $RIGS_BACKEND_READY (or 3 s if that is empty). Fails the test if
+# the process exits or is not ready within 120 s.
+backend_start() {
+    [ -n "$RIGS_BACKEND" ] || fail "no backend command"
+    say "backend: $RIGS_BACKEND $*"
+    _t0=$(now)
+    sh -c "exec $RIGS_BACKEND $*" >>"$BACKEND_LOG" 2>&1 &
+    BACKEND_PID=$!
+    _ticks=0
+    while :; do
+        if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
+            wait "$BACKEND_PID"
+            _rc=$?
+            backend_log
+            fail "backend exited with status $_rc while starting"
+        fi
+        if [ -n "$RIGS_BACKEND_READY" ]; then
+            grep -q -- "$RIGS_BACKEND_READY" "$BACKEND_LOG" && break
+        elif [ "$_ticks" -ge 30 ]; then
+            break
+        fi
+        _ticks=$((_ticks + 1))
+        [ "$_ticks" -gt 1200 ] && { backend_log; fail "backend not ready within 120 s"; }
+        usleep 100000
+    done
+    result backend.start_s "$(elapsed "$_t0")"
+}
+
+# backend_alive: true while the daemon runs.
+backend_alive() { [ -n "$BACKEND_PID" ] && kill -0 "$BACKEND_PID" 2>/dev/null; }
+
+# backend_stop [TIMEOUT=30]: SIGTERM, then SIGKILL after TIMEOUT s; prints the exit status.
+backend_stop() {
+    [ -n "$BACKEND_PID" ] || { echo 255; return; }
+    kill -TERM "$BACKEND_PID" 2>/dev/null
+    _ticks=0
+    while kill -0 "$BACKEND_PID" 2>/dev/null; do
+        _ticks=$((_ticks + 1))
+        if [ "$_ticks" -gt $((${1:-30} * 10)) ]; then
+            say "backend ignored SIGTERM, killing it"
+            kill -KILL "$BACKEND_PID" 2>/dev/null
+        fi
+        usleep 100000
+    done
+    wait "$BACKEND_PID"
+    echo $?
+    BACKEND_PID=
+}
+
+# backend_log: copy the daemon's log to the console.
+backend_log() { [ -f "$BACKEND_LOG" ] && sed 's/^/backend| /' "$BACKEND_LOG"; }
+
+# --- disks and domUs ------------------------------------------------------------------------
+# make_disk PATH MIB: a zero-filled (sparse) raw image in dom0's RAM.
+make_disk() { rm -f "$1"; truncate -s "${2}M" "$1"; }
+
+# vdisk VDEV PATH [rw|ro]: one entry of an xl "disk = [...]" list (a virtio disk that the
+# standalone backend serves).
+vdisk() {
+    echo "'format=raw, vdev=$1, access=${3:-rw}, backendtype=standalone, specification=virtio, target=$2'"
+}
+
+# domu_config NAME SCRIPT [DISKSPEC...]: write /etc/xen/NAME.cfg; the domU runs
+# /tests/SCRIPT.sh after its disks appeared.
+domu_config() {
+    _name=$1 _script=$2
+    shift 2
+    _disks=
+    for _d in "$@"; do _disks="${_disks:+$_disks, }$_d"; done
+    mkdir -p /etc/xen
+    cat >"/etc/xen/$_name.cfg" <<CFG
+name = "$_name"
+kernel = "$DOMU_KERNEL"
+ramdisk = "$DOMU_INITRD"
+extra = "console=hvc0 rdinit=/init rigs.script=$_script rigs.disks=$# $DOMU_EXTRA"
+memory = $DOMU_MEMORY
+vcpus = 1
+on_crash = "preserve"
+disk = [ $_disks ]
+CFG
+}
+
+# domu_create NAME: xl -vvv create /etc/xen/NAME.cfg (log: /tmp/xl-create-NAME.log);
+# returns xl's status, and copies the log to the console when it failed.
+domu_create() {
+    rm -f "$CONSOLE_DIR/guest-$1.log"
+    _t0=$(now)
+    xl -vvv create "/etc/xen/$1.cfg" >"/tmp/xl-create-$1.log" 2>&1
+    _rc=$?
+    result "$1.create_s" "$(elapsed "$_t0")"
+    if [ "$_rc" -ne 0 ]; then
+        sed "s/^/xl[$1]| /" "/tmp/xl-create-$1.log" | tail -n 60
+    fi
+    return "$_rc"
+}
+
+# domu_exists NAME: true while xl knows the domain.
+domu_exists() { xl domid "$1" >/dev/null 2>&1; }
+
+# domu_wait NAME [TIMEOUT=300]: wait for the domU's "@@GUEST-EXIT <status>" (then for the
+# domain to go away) and return that status; 124 on timeout, 125 if it vanished without one.
+domu_wait() {
+    _log="$CONSOLE_DIR/guest-$1.log"
+    _ticks=0
+    _limit=$((${2:-300} * 10))
+    while ! grep -q '@@GUEST-EXIT' "$_log" 2>/dev/null; do
+        _ticks=$((_ticks + 1))
+        if [ $((_ticks % 20)) -eq 0 ] && ! domu_exists "$1"; then
+            sleep 1
+            grep -q '@@GUEST-EXIT' "$_log" 2>/dev/null || return 125
+            break
+        fi
+        [ "$_ticks" -gt "$_limit" ] && { say "domU $1: no @@GUEST-EXIT in ${2:-300} s"; return 124; }
+        usleep 100000
+    done
+    _ticks=0
+    while domu_exists "$1" && [ "$_ticks" -lt 30 ]; do
+        _ticks=$((_ticks + 1))
+        sleep 1
+    done
+    _rc=$(tr -d '\r' <"$_log" | sed -n 's/.*@@GUEST-EXIT \(-\{0,1\}[0-9]*\).*/\1/p' | tail -n 1)
+    return "${_rc:-125}"
+}
+
+# domu_console NAME: copy the domU's console log to the console ("NAME| " prefix).
+domu_console() { tr -d '\r' <"$CONSOLE_DIR/guest-$1.log" 2>/dev/null | sed "s/^/$1| /"; }
+
+# domu_results NAME [PREFIX=NAME]: the domU's "@@GUEST key value" as "@@RESULT PREFIX.key value".
+domu_results() {
+    tr -d '\r' <"$CONSOLE_DIR/guest-$1.log" 2>/dev/null \
+        | sed -n "s/^.*@@GUEST \([^ ]*\) *\(.*\)\$/@@RESULT ${2:-$1}.\1 \2/p"
+}
+
+# domu_destroy NAME: xl destroy, if it still exists.
+domu_destroy() { domu_exists "$1" && xl destroy "$1"; }
+
+# domu_run NAME SCRIPT TIMEOUT [DISKSPEC...]: config, create, wait, copy console and results;
+# returns the domU script's status (or xl create's, or 124/125, see domu_wait).
+domu_run() {
+    _n=$1 _s=$2 _tmo=$3
+    shift 3
+    domu_config "$_n" "$_s" "$@"
+    _t1=$(now)
+    domu_create "$_n" || return $?
+    domu_wait "$_n" "$_tmo"
+    _st=$?
+    result "$_n.run_s" "$(elapsed "$_t1")"
+    domu_console "$_n"
+    domu_results "$_n"
+    result "$_n.exit" "$_st"
+    domu_destroy "$_n" >/dev/null 2>&1
+    return "$_st"
+}
+
+# xs_dump [PATH=/]: xenstore-ls -f PATH, copied to the console ("xs| " prefix).
+xs_dump() { xenstore-ls -f "${1:-/}" 2>&1 | sed 's/^/xs| /'; }
