@@ -59,7 +59,7 @@ def ring_blk(data: bytes) -> None:
     drv.negotiate(
         bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
     )
-    q = drv.setup_queues(1)[0]
+    q = drv.setup_queues(1, [QUEUE_SIZE])[0]
     drv.driver_ok()
     # The fuzzer's bytes become the descriptor table, the available ring and the rest of RAM.
     blob = data[: MEMORY - 8192]
