@@ -32,6 +32,7 @@ class BlkOptions:
     num_queues: int = 1
     logical_block_size: int = 512
     serial: str | None = None  # only for back-ends with Capabilities.serial
+    writethrough: bool = False  # every write durable before it completes (pyvirtio only)
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,9 @@ class Pyvirtio(BackendFactory):
             cmd.append("--read-only")
         if options.serial is not None:
             cmd += ["--serial", options.serial]
-        return cmd
+        if options.writethrough:
+            cmd.append("--writethrough")
+        return [*cmd, "-v"]
 
     def environment(self) -> dict[str, str]:
         """The environment, with the repository's src/ importable even without installing."""
