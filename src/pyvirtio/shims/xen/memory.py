@@ -56,7 +56,11 @@ class ForeignGuestMemory(GuestMemory):
         self._buckets: OrderedDict[int, ForeignMapping] = OrderedDict()
         self._retired: list[ForeignMapping] = []
         self._lock = threading.Lock()
-        self.maps = 0  # number of map operations, for statistics and tests
+        self.maps = 0  # map operations, for statistics and tests
+        self.evictions = 0
+        self.peak_buckets = 0
+        self.peak_held = 0  # most buckets found held by requests at once while evicting
+        self._warned_full = False
         if static:
             self._map_all(ram_windows or ARM_GUEST_RAM_WINDOWS)
 
@@ -102,17 +106,34 @@ class ForeignGuestMemory(GuestMemory):
                 self._evict()
             mapping = self._map_bucket(index)
             self._buckets[index] = mapping
+            self.peak_buckets = max(self.peak_buckets, len(self._buckets))
             return mapping
 
     def _evict(self) -> None:
-        """Unmap the least recently used bucket that no request holds."""
+        """Unmap least recently used buckets that no request holds, down below the bound.
+
+        Buckets held by requests in flight cannot go; if they alone fill the cache, it grows
+        by one bucket and shrinks back as soon as they are released.
+        """
         self._sweep_retired()
+        held = 0
         for index in list(self._buckets):
+            if len(self._buckets) < self.max_buckets:
+                break
             if self._buckets[index].close():
                 del self._buckets[index]
-                return
-        # Every bucket is in use: allow one over the bound rather than stall the guest.
-        log.warning("dom%d: all %d map cache buckets are in use", self.domid, len(self._buckets))
+                self.evictions += 1
+            else:
+                held += 1
+        self.peak_held = max(self.peak_held, held)
+        if len(self._buckets) >= self.max_buckets and not self._warned_full:
+            self._warned_full = True
+            log.warning(
+                "dom%d: requests in flight hold all %d map cache buckets; the cache "
+                "grows until they complete (raise --map-cache-pages)",
+                self.domid,
+                len(self._buckets),
+            )
 
     def _sweep_retired(self) -> None:
         self._retired = [m for m in self._retired if not m.close()]
@@ -132,6 +153,16 @@ class ForeignGuestMemory(GuestMemory):
             log.warning("dom%d: falling back to dynamic mapping", self.domid)
 
     def close(self) -> None:
+        log.info(
+            "dom%d: map cache: %d maps, %d evictions, at most %d pages mapped (bound %d, "
+            "at most %d pages held by requests in flight)",
+            self.domid,
+            self.maps,
+            self.evictions,
+            self.peak_buckets * BUCKET_PAGES,
+            self.max_buckets * BUCKET_PAGES,
+            self.peak_held * BUCKET_PAGES,
+        )
         with self._lock:
             for mapping in self._buckets.values():
                 if not mapping.close():
@@ -185,11 +216,19 @@ class ForeignGuestMemory(GuestMemory):
         return out
 
     def ring(self, addr: int, length: int) -> memoryview:
+        """Rings get mappings of their own pages, outside the cache (they live as long as the
+        queue runs and would otherwise hold a whole bucket each)."""
         if length <= 0 or addr < 0:
             raise GuestMemoryError(addr, length)
-        if (addr & (BUCKET_SIZE - 1)) + length <= BUCKET_SIZE:
-            return self._view(addr, length)
-        # A ring across a bucket boundary gets a mapping of its own, unmapped once unused.
+        if self.static:
+            return (
+                self._view(addr, length)
+                if (addr & (BUCKET_SIZE - 1)) + length <= BUCKET_SIZE
+                else self._ring_mapping(addr, length)
+            )
+        return self._ring_mapping(addr, length)
+
+    def _ring_mapping(self, addr: int, length: int) -> memoryview:
         first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
         try:
             mapping = self.privcmd.map(self.domid, first, last - first + 1)
@@ -201,7 +240,7 @@ class ForeignGuestMemory(GuestMemory):
         offset = addr - (first << PAGE_SHIFT)
         view = mapping.view[offset : offset + length]
         with self._lock:
-            self._retired.append(mapping)
+            self._retired.append(mapping)  # unmapped once the queue lets go of the view
         return view
 
 
