@@ -46,9 +46,11 @@ fuzz: venv
 # Benchmarks against qemu-storage-daemon (and QEMU's own virtio-blk); results in out/bench.
 BENCH_ROUNDS ?= 3
 BENCH_RUNTIME ?= 3
+BENCH_GUEST_ROUNDS ?= 2
 bench: deps venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.loadgen_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
+	$(PY) -m bench.guest_suite --rounds $(BENCH_GUEST_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 
 demo: deps venv
 	$(PY) -m rigs.demo
