@@ -112,10 +112,11 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--io-threads",
         type=int,
-        default=2,
+        default=0,
         metavar="N",
-        help="threads that run requests of 64 KiB and more in parallel with the "
-        "queue's own thread (default 2; 0 runs everything on the queue thread)",
+        help="threads that run requests of 64 KiB and more beside the queue's own thread "
+        "(default 0: everything on the queue thread, the fastest on the 2-core machines "
+        "measured in docs/performance.md)",
     )
     p.add_argument(
         "--writethrough",
