@@ -134,10 +134,12 @@ def main() -> None:
         chunk = os.urandom(1 << 20)
         for _ in range(IMAGE_SIZE >> 20):
             f.write(chunk)
+        os.fsync(f.fileno())
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):
         order = list(BACKENDS) if rnd % 2 == 0 else list(reversed(BACKENDS))
         for kind in order:
+            os.sync()
             jobs = run_one(kind, image, work, args.runtime)
             for name, figures in jobs.items():
                 runs.setdefault(name, {}).setdefault(kind, []).append(figures)

@@ -1,9 +1,9 @@
 """pyvirtio blk against qemu-storage-daemon, driven by pyvirtio's load generator (no guest).
 
-Both back-ends serve the same image, one at a time, in interleaved rounds (the order alternates
-from round to round); each workload's figures are compared as per-round ratios and the medians
-of those ratios are reported. The generator's own ceiling is measured against
-qemu-storage-daemon's null-co device (no I/O at all).
+Both back-ends serve the same image; each workload runs on one, then the other (who goes first
+alternates), after a sync so that neither pays for the other's writeback. Each workload's
+figures are compared as per-round ratios and the medians of those ratios are reported. The
+generator's own ceiling is measured against qemu-storage-daemon's null-co device (no I/O).
 
     python -m bench.loadgen_suite [--rounds 3] [--runtime 3] [--out out/bench]
 """
@@ -79,29 +79,31 @@ def main() -> None:
         chunk = os.urandom(1 << 20)
         for _ in range(IMAGE_SIZE >> 20):
             f.write(chunk)
+        os.fsync(f.fileno())
 
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):
-        order = ["pyvirtio", "qemu-storage-daemon"]
-        if rnd % 2:
-            order.reverse()
-        for name in order:
-            sock = work / f"{name}.sock"
-            backend = (
-                start_pyvirtio(image, sock, 1) if name == "pyvirtio" else start_qsd(image, sock, 1)
-            )
-            try:
-                for rw, bs, depth in WORKLOADS:
-                    key = label(rw, bs, depth)
+        backends = [
+            start_pyvirtio(image, work / "pyvirtio.sock", 1),
+            start_qsd(image, work / "qsd.sock", 1),
+        ]
+        try:
+            for i, (rw, bs, depth) in enumerate(WORKLOADS):
+                key = label(rw, bs, depth)
+                # Alternate who goes first; start each measurement with no dirty page cache
+                # left by the previous one, so that neither pays for the other's writeback.
+                for backend in backends if (rnd + i) % 2 == 0 else reversed(backends):
+                    os.sync()
                     figures = measure(backend, rw, bs, depth, args.runtime)
-                    runs.setdefault(key, {}).setdefault(name, []).append(figures)
+                    runs.setdefault(key, {}).setdefault(backend.name, []).append(figures)
                     print(
-                        f"round {rnd + 1} {name:20} {key:18} {figures['iops']:9.0f} IOPS "
-                        f"{figures['bw_bytes'] / 2**20:8.1f} MiB/s "
+                        f"round {rnd + 1} {backend.name:20} {key:18} {figures['iops']:9.0f} "
+                        f"IOPS {figures['bw_bytes'] / 2**20:8.1f} MiB/s "
                         f"{figures['cpu_us_per_request']:7.1f} us CPU/req",
                         flush=True,
                     )
-            finally:
+        finally:
+            for backend in backends:
                 backend.stop()
 
     ceiling = {}
