@@ -214,6 +214,15 @@ class VirtioDevice:
 
     # -- queue processing ----------------------------------------------------------------------
 
+    def _release(self, chain: DescriptorChain) -> None:
+        """Unmap what was mapped for ``chain`` alone before the driver sees it completed (a
+        Xen guest may revoke its grants as soon as it does)."""
+        if not chain.release():
+            log.error(
+                "queue request %d: a mapping made for it is still referenced and is unmapped late",
+                chain.head,
+            )
+
     def process_queue(self, index: int) -> None:
         """Drain queue ``index``: handle every available chain, then interrupt if asked to.
 
@@ -233,10 +242,16 @@ class VirtioDevice:
                     if executor is not None and chain.read_len + chain.write_len >= threshold:
                         pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
                     else:
-                        queue.push(chain.head, self.handle_chain(queue, chain))
+                        written = self.handle_chain(queue, chain)
+                        if chain.held:
+                            self._release(chain)
+                        queue.push(chain.head, written)
                 while pending:
                     chain, future = pending.pop(0)
-                    queue.push(chain.head, future.result())
+                    written = future.result()
+                    if chain.held:
+                        self._release(chain)
+                    queue.push(chain.head, written)
                 if queue.publish():
                     self.events.queue_interrupt(index)
                 if not queue.enable_notifications():

@@ -274,7 +274,7 @@ class BlkDevice(VirtioDevice):
         for addr, length, flags in reversed(chain.descriptors):
             if flags & DescFlag.WRITE and length:
                 try:
-                    return self.memory.buffers(addr + length - 1, 1, True)[0]
+                    return self.memory.buffers(addr + length - 1, 1, True, chain.held)[0]
                 except GuestMemoryError:
                     break
         raise DeviceError(f"request at head {chain.head} has no reachable status byte")

@@ -17,8 +17,16 @@ import mmap
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 PAGE_SIZE = mmap.PAGESIZE
+
+
+class Transient(Protocol):
+    """A mapping made for one request (a Xen grant mapping): released when it completes."""
+
+    def close(self) -> bool:
+        """Unmap; False while views into the mapping are still alive."""
 
 
 class GuestMemoryError(Exception):
@@ -139,11 +147,15 @@ class GuestMemory:
         """
         return [(r.gpa, r.end, r.view) for r in self._regions]
 
-    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+    def buffers(
+        self, addr: int, length: int, writable: bool, hold: list[Transient] | None = None
+    ) -> list[memoryview]:
         """Views covering guest range ``[addr, addr+length)``, one per region it touches.
 
         ``writable`` says whether the device will write to the range; read-only ranges come back
         as read-only views so that the device cannot write where the guest did not allow it.
+        Memory that maps ranges for one request only appends those mappings to ``hold``; the
+        caller closes them once the request is complete (before it is returned to the guest).
         """
         out: list[memoryview] = []
         pos, left = addr, length

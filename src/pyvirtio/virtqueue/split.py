@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pyvirtio.memory.barrier import acquire_fence, full_fence, release_fence
-from pyvirtio.memory.guest import GuestMemory, GuestMemoryError
+from pyvirtio.memory.guest import GuestMemory, GuestMemoryError, Transient
 from pyvirtio.spec import ring
 from pyvirtio.spec.ring import DESC, DESC_SIZE, DescFlag
 from pyvirtio.virtqueue.inflight import InflightRegion
@@ -51,6 +51,21 @@ class DescriptorChain:
     write_len: int = 0
     descriptors: list[tuple[int, int, int]] = field(default_factory=list)
     fault: str | None = None
+    #: Mappings made for this chain alone (Xen grants), closed when it completes.
+    held: list[Transient] = field(default_factory=list)
+
+    def release(self) -> bool:
+        """Drop the views and close the chain's own mappings; False if one could not close
+        (a view into it is still referenced somewhere)."""
+        for view in self.readable:
+            view.release()
+        for view in self.writable:
+            view.release()
+        ok = True
+        for mapping in self.held:
+            ok = mapping.close() and ok
+        self.held.clear()
+        return ok
 
 
 class SplitQueue:
@@ -221,7 +236,7 @@ class SplitQueue:
             limit -= 1
             addr, length, flags, nxt = unpack(table, i * DESC_SIZE)
             if flags & _INDIRECT:
-                table = self._indirect_table(addr, length, flags, in_indirect)
+                table = self._indirect_table(addr, length, flags, in_indirect, chain)
                 size = limit = len(table) // DESC_SIZE
                 in_indirect = True
                 i = 0
@@ -250,7 +265,7 @@ class SplitQueue:
                         break
                 else:
                     try:
-                        views = memory.buffers(addr, length, bool(flags & _WRITE))
+                        views = memory.buffers(addr, length, bool(flags & _WRITE), chain.held)
                     except GuestMemoryError as exc:
                         chain.fault = str(exc)
                     else:
@@ -264,7 +279,9 @@ class SplitQueue:
         chain.write_len = write_len
         return chain
 
-    def _indirect_table(self, addr: int, length: int, flags: int, nested: bool) -> memoryview:
+    def _indirect_table(
+        self, addr: int, length: int, flags: int, nested: bool, chain: DescriptorChain
+    ) -> memoryview:
         """The indirect table a descriptor points to, after §2.7.5.3's checks."""
         if nested:
             raise VirtqueueError(
@@ -285,7 +302,7 @@ class SplitQueue:
             )
         assert self._memory is not None
         try:
-            views = self._memory.buffers(addr, length, False)
+            views = self._memory.buffers(addr, length, False, chain.held)
         except GuestMemoryError as exc:
             raise VirtqueueError(f"queue {self.index}: indirect table: {exc}") from None
         # Each entry is read once (unpack_from copies it), so a racing guest cannot make the

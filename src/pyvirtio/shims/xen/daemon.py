@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.shims.worker import QueueWorker
 from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
+from pyvirtio.shims.xen.gntdev import Gntdev
 from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
 from pyvirtio.shims.xen.memory import ForeignGuestMemory
 from pyvirtio.shims.xen.privcmd import Privcmd
 from pyvirtio.shims.xen.server import GuestServer
 from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
+from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import WINDOW_SIZE, Reg
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.storage.raw import ImageError, RawImage
@@ -65,6 +67,7 @@ class Guest:
     privcmd: Privcmd
     memory: ForeignGuestMemory
     server: GuestServer
+    gntdev: Gntdev | None = None
     disks: dict[int, Disk] = field(default_factory=dict)
 
 
@@ -232,17 +235,29 @@ class XenBackendDaemon:
             return guest
         privcmd = Privcmd(domid)
         try:
+            gntdev: Gntdev | None = Gntdev()
+        except OSError as exc:
+            log.warning(
+                "dom%d: no grant mappings (%s); a guest that uses grants will fail",
+                domid,
+                exc.strerror,
+            )
+            gntdev = None
+        try:
             memory = ForeignGuestMemory(
                 privcmd,
                 domid,
                 max_pages=self.options.map_cache_pages,
                 static=self.options.static_mapping,
+                gntdev=gntdev,
             )
             server = GuestServer(domid, self.dm, self.fmem, on_invalidate=memory.invalidate)
         except BaseException:
             privcmd.close()
+            if gntdev is not None:
+                gntdev.close()
             raise
-        guest = Guest(domid, privcmd, memory, server)
+        guest = Guest(domid, privcmd, memory, server, gntdev)
         self.guests[domid] = guest
         return guest
 
@@ -258,6 +273,9 @@ class XenBackendDaemon:
                 serial=f"xen-{config.frontend_id}-{config.devid}",
             )
             device.memory = guest.memory
+            # Guests that restrict their backends to grants require ACCESS_PLATFORM; with it
+            # negotiated, addresses are grant references or plain guest-physical ones.
+            device.offered_features |= bit(Feature.ACCESS_PLATFORM)
             kick_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(opts.num_queues)]
             transport = MmioTransport(
                 device,
@@ -331,6 +349,8 @@ class XenBackendDaemon:
         guest.server.close()
         guest.memory.close()
         guest.privcmd.close()
+        if guest.gntdev is not None:
+            guest.gntdev.close()
 
     def reap_dead_guests(self) -> None:
         for domid in list(self.guests):

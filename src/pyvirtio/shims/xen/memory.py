@@ -23,7 +23,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from pyvirtio.memory.guest import GuestMemory, GuestMemoryError
+from pyvirtio.memory.guest import GuestMemory, GuestMemoryError, Transient
+from pyvirtio.shims.xen.gntdev import (
+    GRANT_DMA_ADDR_OFF,
+    Gntdev,
+    GrantMapping,
+    split_grant_address,
+)
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, PAGE_SIZE, ForeignMapping, Privcmd
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,9 @@ BUCKET_SIZE = 1 << BUCKET_SHIFT
 BUCKET_PAGES = BUCKET_SIZE >> PAGE_SHIFT
 
 #: Arm guest RAM windows (xen/include/public/arch-arm.h: GUEST_RAM0, GUEST_RAM1).
+#: Most pages one buffer may span when it is made of grants (a 2 MiB buffer).
+MAX_GRANT_PAGES = 512
+
 ARM_GUEST_RAM_WINDOWS = ((0x4000_0000, 0xC000_0000), (0x2_0000_0000, 0xFE_0000_0000))
 
 
@@ -47,14 +56,17 @@ class ForeignGuestMemory(GuestMemory):
         max_pages: int = 32768,
         static: bool = False,
         ram_windows: Iterable[tuple[int, int]] = (),
+        gntdev: Gntdev | None = None,
     ) -> None:
         super().__init__()
         self.privcmd = privcmd
+        self.gntdev = gntdev
+        self.grants_seen = False
         self.domid = domid
         self.static = static
         self.max_buckets = max(4, max_pages // BUCKET_PAGES)
         self._buckets: OrderedDict[int, ForeignMapping] = OrderedDict()
-        self._retired: list[ForeignMapping] = []
+        self._retired: list[ForeignMapping | GrantMapping] = []
         self._lock = threading.Lock()
         self.maps = 0  # map operations, for statistics and tests
         self.evictions = 0
@@ -203,7 +215,11 @@ class ForeignGuestMemory(GuestMemory):
             if not m.bad
         ]
 
-    def buffers(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+    def buffers(
+        self, addr: int, length: int, writable: bool, hold: list[Transient] | None = None
+    ) -> list[memoryview]:
+        if addr & GRANT_DMA_ADDR_OFF:
+            return [self._grant_view(addr, length, writable, hold)]
         if addr < 0 or addr + length > 1 << 52:
             raise GuestMemoryError(addr, length)
         out = []
@@ -220,6 +236,8 @@ class ForeignGuestMemory(GuestMemory):
         queue runs and would otherwise hold a whole bucket each)."""
         if length <= 0 or addr < 0:
             raise GuestMemoryError(addr, length)
+        if addr & GRANT_DMA_ADDR_OFF:
+            return self._grant_view(addr, length, True, None)
         if self.static:
             return (
                 self._view(addr, length)
@@ -242,6 +260,39 @@ class ForeignGuestMemory(GuestMemory):
         with self._lock:
             self._retired.append(mapping)  # unmapped once the queue lets go of the view
         return view
+
+    def _grant_view(
+        self, addr: int, length: int, writable: bool, hold: list[Transient] | None
+    ) -> memoryview:
+        """Map the grants behind a grant DMA address (consecutive references, one per page).
+
+        With ``hold`` the mapping belongs to one request and is closed when it completes;
+        without (a ring), it is unmapped once the queue lets go of the view.
+        """
+        if self.gntdev is None:
+            raise GuestMemoryError(addr, length, "is a grant address, and grants are not mapped")
+        gref, offset = split_grant_address(addr)
+        count = (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if length <= 0 or count > MAX_GRANT_PAGES or gref + count > 1 << 32:
+            raise GuestMemoryError(addr, length, "is not a grant range pyvirtio maps")
+        try:
+            mapping = self.gntdev.map(self.domid, gref, count, writable)
+        except OSError as exc:
+            raise GuestMemoryError(addr, length, f"grant {gref}: {exc.strerror}") from None
+        if not self.grants_seen:
+            self.grants_seen = True
+            log.info(
+                "dom%d: the guest uses grants; mapping grant references (first %d)",
+                self.domid,
+                gref,
+            )
+        view = mapping.view[offset : offset + length]
+        if hold is not None:
+            hold.append(mapping)
+        else:
+            with self._lock:
+                self._retired.append(mapping)
+        return view if writable else view.toreadonly()
 
 
 __all__ = ["BUCKET_PAGES", "PAGE_SIZE", "ForeignGuestMemory"]
