@@ -30,6 +30,16 @@ class Backend:
             self.proc.wait()
 
 
+def data_image(path: Path, size: int) -> Path:
+    """A raw image full of data (so that reads are reads, not holes), flushed to disk."""
+    with path.open("wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
+        os.fsync(f.fileno())
+    return path
+
+
 def _wait_for(sock: Path, proc: subprocess.Popen[bytes], name: str) -> None:
     for _ in range(500):
         if sock.exists():

@@ -24,7 +24,7 @@ from pathlib import Path
 from rigs.qemu import QemuBlk, VhostUserBlk
 from rigs.x86_guest import ensure_guest
 
-from bench.backends import Backend, start_pyvirtio, start_qsd
+from bench.backends import Backend, data_image, start_pyvirtio, start_qsd
 from pyvirtio.bench.loadgen import process_cpu_seconds
 
 #: (name, rw, block size, iodepth)
@@ -129,12 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pyvirtio-gbench-"))
-    image = work / "disk.img"
-    with image.open("wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(IMAGE_SIZE >> 20):
-            f.write(chunk)
-        os.fsync(f.fileno())
+    image = data_image(work / "disk.img", IMAGE_SIZE)
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):
         order = list(BACKENDS) if rnd % 2 == 0 else list(reversed(BACKENDS))

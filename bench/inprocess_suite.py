@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.backends import data_image
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.shims.inprocess import InProcessMachine
@@ -107,12 +108,7 @@ def main() -> None:
     if shutil.which("fio") is None:
         raise SystemExit("fio is needed (Debian: fio)")
     args.out.mkdir(parents=True, exist_ok=True)
-    image = Path(tempfile.mkdtemp(prefix="pyvirtio-ibench-")) / "disk.img"
-    with image.open("wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(IMAGE_SIZE >> 20):
-            f.write(chunk)
-        os.fsync(f.fileno())
+    image = data_image(Path(tempfile.mkdtemp(prefix="pyvirtio-ibench-")) / "disk.img", IMAGE_SIZE)
     rows = []
     for bs in SIZES:
         # Best of three for everyone: a ceiling is a maximum, and the host is shared.

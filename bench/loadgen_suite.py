@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.backends import Backend, start_pyvirtio, start_qsd
+from bench.backends import Backend, data_image, start_pyvirtio, start_qsd
 from pyvirtio.bench.loadgen import LoadGenerator, Workload, process_cpu_seconds
 
 #: (rw, block size, iodepth)
@@ -74,12 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pyvirtio-bench-"))
-    image = work / "disk.img"
-    with image.open("wb") as f:  # real data, so that reads are reads and not holes
-        chunk = os.urandom(1 << 20)
-        for _ in range(IMAGE_SIZE >> 20):
-            f.write(chunk)
-        os.fsync(f.fileno())
+    image = data_image(work / "disk.img", IMAGE_SIZE)
 
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):

@@ -8,6 +8,7 @@ A rig that cannot be built (no network, apt failure) fails the tests, never skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -181,11 +182,11 @@ class Harness:
             pytest.fail(f"back-end exit status: {failed}\n{self._logs()}", pytrace=False)
 
 
-@pytest.fixture
-def e2e(rig: X86Guest, backend_factory: BackendFactory, tmp_path: Path) -> Iterator[Harness]:
-    """A :class:`Harness` for the parametrized back-end."""
+@contextlib.contextmanager
+def harness_for(rig: X86Guest, factory: BackendFactory, tmp: Path) -> Iterator[Harness]:
+    """A :class:`Harness` whose guests and back-ends are gone when the block ends."""
     sockdir = Path(tempfile.mkdtemp(prefix="rigs-"))
-    harness = Harness(rig, backend_factory, tmp_path, sockdir)
+    harness = Harness(rig, factory, tmp, sockdir)
     try:
         yield harness
     finally:
@@ -194,3 +195,10 @@ def e2e(rig: X86Guest, backend_factory: BackendFactory, tmp_path: Path) -> Itera
         for backend in harness.backends:
             backend.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.fixture
+def e2e(rig: X86Guest, backend_factory: BackendFactory, tmp_path: Path) -> Iterator[Harness]:
+    """A :class:`Harness` for the parametrized back-end."""
+    with harness_for(rig, backend_factory, tmp_path) as harness:
+        yield harness

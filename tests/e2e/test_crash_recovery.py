@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 from rigs.backends import BACKENDS, BlkOptions
 from rigs.x86_guest import X86Guest
 
-from tests.e2e.conftest import Harness
+from tests.e2e.conftest import Harness, harness_for
 
 pytestmark = pytest.mark.e2e
 
@@ -47,16 +45,8 @@ exit $rc
 
 @pytest.fixture
 def pyvirtio_e2e(rig: X86Guest, tmp_path: Path) -> Iterator[Harness]:
-    sockdir = Path(tempfile.mkdtemp(prefix="rigs-"))
-    harness = Harness(rig, BACKENDS["pyvirtio"], tmp_path, sockdir)
-    try:
+    with harness_for(rig, BACKENDS["pyvirtio"], tmp_path) as harness:
         yield harness
-    finally:
-        for guest in harness.guests:
-            guest.kill()
-        for backend in harness.backends:
-            backend.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _wait_connected(e2e: Harness, timeout: float = 30) -> bool:

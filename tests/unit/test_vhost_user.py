@@ -282,26 +282,8 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pyvirtio",
-            "blk",
-            "--image",
-            str(img),
-            "--socket-path",
-            str(sock),
-            "-v",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_backend(img, sock, "-v")
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
         transport, drv = connect(str(sock))
         drv.write(0, b"q" * 512)
         proc.terminate()

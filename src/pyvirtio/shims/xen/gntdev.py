@@ -5,8 +5,8 @@ references instead of guest-physical addresses in its rings: ``(1 << 63) | gref 
 the offset in the page, with consecutive references for consecutive pages. Mapping a grant
 makes just that page visible to the backend, with the rights the guest gave.
 
-Like the foreign mappings, a grant mapping is a Python ``mmap``, which refuses to unmap while a
-view into it is alive; :meth:`GrantMapping.close` then also returns the grants to the guest.
+Like the foreign mappings, a grant mapping is a Python ``mmap`` (``mapping.py``); closing it
+also returns the grants to the guest.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import fcntl
 import mmap
 import os
 import struct
+
+from pyvirtio.shims.xen.mapping import MmapMapping
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -41,26 +43,17 @@ def split_grant_address(addr: int) -> tuple[int, int]:
     return plain >> PAGE_SHIFT, plain & (PAGE_SIZE - 1)
 
 
-class GrantMapping:
-    """``count`` granted pages mapped at ``view``."""
+class GrantMapping(MmapMapping):
+    """``count`` granted pages mapped at ``view``; the grants go back when it is unmapped."""
 
     def __init__(self, gntdev: Gntdev, m: mmap.mmap, index: int, count: int) -> None:
+        super().__init__(m)
         self.gntdev = gntdev
-        self.mmap = m
         self.index = index
         self.count = count
-        self.view = memoryview(m)
 
-    def close(self) -> bool:
-        """Unmap and release the grants; False (still mapped) while views are alive."""
-        self.view.release()
-        try:
-            self.mmap.close()
-        except BufferError:
-            self.view = memoryview(self.mmap)
-            return False
+    def unmapped(self) -> None:
         self.gntdev.unmap(self.index, self.count)
-        return True
 
 
 class Gntdev:

@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 import os
 from ctypes import POINTER, byref, c_char_p, c_int, c_uint, c_uint16, c_uint32, c_void_p
-from typing import Any
+from typing import Any, ClassVar
 
 PROT_READ = 1
 PROT_WRITE = 2
@@ -80,12 +80,30 @@ _EVTCHN = "libxenevtchn.so.1"
 _XS = "libxenstore.so.4"
 
 
-class DeviceModel:
-    """libxendevicemodel: IOREQ servers and interrupt lines."""
+class _Handle:
+    """A handle of one of Xen's ``<prefix>_open(logger, flags)`` libraries."""
+
+    _soname: ClassVar[str]
+    _prefix: ClassVar[str]
 
     def __init__(self) -> None:
-        self._open = _fn(_DM, "xendevicemodel_open", c_void_p, c_void_p, c_uint)
-        self._close = _fn(_DM, "xendevicemodel_close", c_int, c_void_p)
+        opener = _fn(self._soname, f"{self._prefix}_open", c_void_p, c_void_p, c_uint)
+        self._close = _fn(self._soname, f"{self._prefix}_close", c_int, c_void_p)
+        self.handle = _check_ptr(opener(None, 0), f"{self._prefix}_open")
+
+    def close(self) -> None:
+        if self.handle:
+            self._close(self.handle)
+            self.handle = 0
+
+
+class DeviceModel(_Handle):
+    """libxendevicemodel: IOREQ servers and interrupt lines."""
+
+    _soname = _DM
+    _prefix = "xendevicemodel"
+
+    def __init__(self) -> None:
         self._create = _fn(
             _DM,
             "xendevicemodel_create_ioreq_server",
@@ -129,12 +147,7 @@ class DeviceModel:
         self._nr_vcpus = _fn(
             _DM, "xendevicemodel_nr_vcpus", c_int, c_void_p, c_uint16, POINTER(c_uint)
         )
-        self.handle = _check_ptr(self._open(None, 0), "xendevicemodel_open")
-
-    def close(self) -> None:
-        if self.handle:
-            self._close(self.handle)
-            self.handle = 0
+        super().__init__()
 
     def create_ioreq_server(self, domid: int, bufioreq: int = BUFIOREQ_OFF) -> int:
         server = c_uint16()
@@ -171,12 +184,13 @@ class DeviceModel:
         return count.value
 
 
-class ForeignMemory:
+class ForeignMemory(_Handle):
     """libxenforeignmemory, for hypervisor resources (the IOREQ server's pages)."""
 
+    _soname = _FMEM
+    _prefix = "xenforeignmemory"
+
     def __init__(self) -> None:
-        self._open = _fn(_FMEM, "xenforeignmemory_open", c_void_p, c_void_p, c_uint)
-        self._close = _fn(_FMEM, "xenforeignmemory_close", c_int, c_void_p)
         self._map_resource = _fn(
             _FMEM,
             "xenforeignmemory_map_resource",
@@ -194,12 +208,7 @@ class ForeignMemory:
         self._unmap_resource = _fn(
             _FMEM, "xenforeignmemory_unmap_resource", c_int, c_void_p, c_void_p
         )
-        self.handle = _check_ptr(self._open(None, 0), "xenforeignmemory_open")
-
-    def close(self) -> None:
-        if self.handle:
-            self._close(self.handle)
-            self.handle = 0
+        super().__init__()
 
     def map_resource(
         self,
@@ -221,25 +230,21 @@ class ForeignMemory:
         _check(self._unmap_resource(self.handle, fres), "unmap_resource")
 
 
-class EventChannels:
+class EventChannels(_Handle):
     """libxenevtchn. Pending ports are read from, and unmasked by writing to, its fd."""
 
+    _soname = _EVTCHN
+    _prefix = "xenevtchn"
+
     def __init__(self) -> None:
-        self._open = _fn(_EVTCHN, "xenevtchn_open", c_void_p, c_void_p, c_uint)
-        self._close = _fn(_EVTCHN, "xenevtchn_close", c_int, c_void_p)
         self._fd = _fn(_EVTCHN, "xenevtchn_fd", c_int, c_void_p)
         self._notify = _fn(_EVTCHN, "xenevtchn_notify", c_int, c_void_p, c_uint32)
         self._bind = _fn(_EVTCHN, "xenevtchn_bind_interdomain", c_int, c_void_p, c_uint32, c_uint32)
         self._unbind = _fn(_EVTCHN, "xenevtchn_unbind", c_int, c_void_p, c_uint32)
         self._pending = _fn(_EVTCHN, "xenevtchn_pending", c_int, c_void_p)
         self._unmask = _fn(_EVTCHN, "xenevtchn_unmask", c_int, c_void_p, c_uint32)
-        self.handle = _check_ptr(self._open(None, 0), "xenevtchn_open")
+        super().__init__()
         self.fd = self._fd(self.handle)
-
-    def close(self) -> None:
-        if self.handle:
-            self._close(self.handle)
-            self.handle = 0
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         return _check(

@@ -1,9 +1,8 @@
 """Foreign mappings of guest memory through /dev/xen/privcmd (linux/include/uapi/xen/privcmd.h).
 
 Each mapping is a Python ``mmap`` of the privcmd device populated with the guest's frames by
-IOCTL_PRIVCMD_MMAPBATCH_V2, which is what ``xenforeignmemory_map`` does on Linux. Keeping the
-``mmap`` object (instead of a raw pointer) makes ``close()`` refuse to unmap while any view into
-the mapping is alive, so a cache can never pull memory from under a request.
+IOCTL_PRIVCMD_MMAPBATCH_V2, which is what ``xenforeignmemory_map`` does on Linux (see
+``mapping.py`` for why an ``mmap`` and not a raw pointer).
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import fcntl
 import mmap
 import os
 import struct
+
+from pyvirtio.shims.xen.mapping import MmapMapping
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -30,25 +31,14 @@ IOCTL_PRIVCMD_RESTRICT = _ioc_none("P", 6, 2)
 PRIVCMD_PATH = "/dev/xen/privcmd"
 
 
-class ForeignMapping:
+class ForeignMapping(MmapMapping):
     """Guest frames mapped into this process; ``bad`` lists page indices that did not map."""
 
     def __init__(self, m: mmap.mmap, gfn: int, count: int, bad: frozenset[int]) -> None:
-        self.mmap = m
+        super().__init__(m)
         self.gfn = gfn
         self.count = count
         self.bad = bad
-        self.view = memoryview(m)
-
-    def close(self) -> bool:
-        """Unmap; False (and still mapped) while views into it are alive."""
-        self.view.release()
-        try:
-            self.mmap.close()
-        except BufferError:
-            self.view = memoryview(self.mmap)
-            return False
-        return True
 
 
 class Privcmd:
