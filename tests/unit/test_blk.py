@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from pyvirtio.driver.blk import DRIVER_FEATURES, BlkDriver, BlkRequestError
+from pyvirtio.shims.inprocess import InProcessMachine
 from pyvirtio.spec.blk import (
     REQ_HEADER,
     WRITE_ZEROES_FLAG_UNMAP,
@@ -476,3 +478,56 @@ def test_large_requests_on_an_executor(make_blk: Callable[..., Blk]) -> None:
     for i, b in enumerate(blobs):
         assert drv.read(i * 512, len(b)) == b
     blk.device.executor.shutdown()
+
+
+# -- field regressions (anchors.md §d.6) ------------------------------------------------------
+
+
+def test_more_segments_than_seg_max_are_still_served(blk: Blk) -> None:
+    """Windows' viostor sent 129 segments against seg_max 126 and SPDK refused the request;
+    pyvirtio serves any chain its queue can hold."""
+    drv = blk.driver
+    drv.segment_size = 512
+    count = drv.config.seg_max + 3
+    data = os.urandom(512 * count)
+    req = drv.request(BlkRequestType.OUT, 0, data_out=data, indirect=True)
+    assert req.status == BlkStatus.OK
+    assert drv.read(0, len(data)) == data
+
+
+def test_a_head_published_twice_is_served_twice_without_harm(blk: Blk) -> None:
+    q = blk.driver.transport.queues[0]
+    req = blk.driver.submit(BlkRequestType.IN, 0, in_len=512, kick=False)
+    head = next(h for h, p in q._pending.items() if p.token is req)
+    q.publish_heads([head])  # the same head again while it is in flight
+    blk.driver.transport.notify(0)
+    used = [q.used_elem(i) for i in range(q.used_idx)]
+    assert used == [(head, 513), (head, 513)]
+    assert not blk.driver.transport.status & DeviceStatus.NEEDS_RESET
+    # The device keeps serving the queue.
+    blk.driver.transport.queues[0]._pending.pop(head)
+    q.last_used_idx = q.used_idx
+    assert blk.driver.get_id() == b""
+    assert blk.device.queues[0].used_idx == 3
+
+
+def test_buffer_straddling_two_adjacent_regions_is_served(image_path: Path) -> None:
+    from pyvirtio.devices.blk import BlkDevice
+    from pyvirtio.storage.raw import RawImage
+
+    device = BlkDevice(RawImage(str(image_path)))
+    machine = InProcessMachine(device, regions=[(0x4000_0000, 1 << 20), (0x4010_0000, 1 << 20)])
+    drv = BlkDriver(machine.driver())
+    mem, alloc = drv.transport.memory, drv.transport.allocator
+    hdr, status = alloc.alloc(16), alloc.alloc(1)
+    mem.write(hdr, REQ_HEADER.pack(BlkRequestType.OUT, 0, 0))
+    data = os.urandom(4096)
+    straddle = 0x4010_0000 - 2048
+    mem.write(straddle, data)
+    q = drv.queues[0]
+    q.add([(hdr, 16), (straddle, 4096)], [(status, 1)], "s", indirect=False)
+    drv.transport.notify(0)
+    assert q.get_used() == [("s", 1)]
+    assert mem.read(status, 1) == bytes([BlkStatus.OK])
+    with image_path.open("rb") as f:
+        assert f.read(4096) == data
