@@ -93,8 +93,9 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         type=_power_of_two(4, 32768),
         default=128,
         metavar="N",
-        help="descriptors per queue, a power of two (default 128, as QEMU's "
-        "queue-size); seg_max is this minus 2",
+        help="the ring size the VMM is configured with (default 128, as QEMU's queue-size): "
+        "seg_max is this minus 2; rings of up to 1024 descriptors (or N, if larger) are "
+        "accepted anyway, as QEMU's virtio-mmio devices use 1024",
     )
     p.add_argument(
         "--logical-block-size",
