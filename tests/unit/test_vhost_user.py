@@ -396,3 +396,28 @@ def test_backend_killed_mid_io_loses_nothing(tmp_path: Path) -> None:
         area.close()
         transport.close()
         proc.kill()
+
+
+def test_stuck_storage_does_not_block_the_control_plane(tmp_path: Path) -> None:
+    """A request stuck in the storage (say, a hung NFS server) holds its queue's thread only:
+    the socket keeps answering, and other queues keep serving."""
+    with serve(tmp_path, num_queues=2) as (path, device):
+        release = threading.Event()
+        original = device.image.readv
+
+        def stuck_on_sector_8(buffers, offset):  # type: ignore[no-untyped-def]
+            if offset == 8 * 512:
+                release.wait(30)
+            original(buffers, offset)
+
+        device.image.readv = stuck_on_sector_8  # type: ignore[method-assign]
+        transport, drv = connect(path)
+        stuck = drv.submit(BlkRequestType.IN, 8, in_len=512, queue=0)
+        time.sleep(0.2)
+        assert not stuck.done
+        assert drv.transport.read_config_bytes(8)  # GET_CONFIG answered
+        assert drv.read(16, 512, queue=1) == bytes(512)  # the other queue serves
+        release.set()
+        drv.wait([stuck])
+        assert stuck.status == BlkStatus.OK
+        transport.close()
