@@ -79,7 +79,8 @@ def _digest(*parts: object, files: Sequence[Path] = ()) -> str:
 
 
 _RESOLVER_SOURCES = [Path(m.__file__ or "") for m in (elf, libs, packages, tree)]
-_RUN_ONLY = ("qemu.py", "harness.py")  # sources that do not shape the archives
+# Sources that do not shape the archives.
+_RUN_ONLY = ("qemu.py", "harness.py", "grant_kernel.py")
 
 
 def _archive_sources() -> list[Path]:

@@ -4,7 +4,9 @@ The per-run files ride in a small archive appended to the cached dom0 base initr
 unpacks concatenated archives in order): ``/test.sh`` (the dom0 script after
 ``. /etc/rigs/lib.sh``, see ``rigs/xen/sh/dom0-lib.sh``), ``/etc/rigs/backend`` (the backend
 command), a copy of the pyvirtio package at ``/opt/pyvirtio/pyvirtio`` (``PYTHONPATH``), and
-``/domu/initrd``: the domU base archive with ``/tests/<name>.sh`` appended the same way.
+``/domu/initrd``: the domU base archive with ``/tests/<name>.sh`` appended the same way, and
+any extra domU kernels at ``/domu/<name>`` (``domu_kernels``; the dom0 script picks one with
+``domu_kernel NAME``, e.g. ``Image-grants`` from :mod:`rigs.xen.grant_kernel`).
 
 Typical use::
 
@@ -25,6 +27,7 @@ from rigs.initramfs import make_initramfs_with
 from rigs.qemu import GuestResult
 from rigs.xen.build import XenRig
 from rigs.xen.bytecode import compile_sources
+from rigs.xen.grant_kernel import GRANT_IMAGE_NAME, ensure_grant_kernel
 from rigs.xen.initramfs import DOMU_DIR, PYVIRTIO_DIR
 from rigs.xen.qemu import DEFAULT_TIMEOUT, DOM0_ARGS, XEN_ARGS, XenMachine
 
@@ -63,6 +66,8 @@ class XenTest:
     ``domu_scripts`` maps a name to the body of /tests/<name>.sh in every domU
     (``domu_run NAME SCRIPT ...`` picks one). ``backend`` is the command ``backend_start``
     runs (None: none is set); ``backend_ready`` a log line it waits for ("" = 3 s).
+    ``domu_kernels`` maps a file name to a host kernel Image put at ``/domu/<name>`` in dom0
+    (``domu_kernel NAME`` in the dom0 script boots the domUs with it).
     """
 
     dom0_script: str
@@ -73,6 +78,7 @@ class XenTest:
     timeout: float = DEFAULT_TIMEOUT
     quiet: bool = True  # dom0 kernel "quiet"
     xen_args: tuple[str, ...] = ()  # appended to the hypervisor's command line
+    domu_kernels: Mapping[str, Path] = field(default_factory=dict)
 
     def dom0_files(self, domu_initrd: Path) -> dict[str, bytes]:
         """The per-run archive for dom0 (path -> contents)."""
@@ -81,6 +87,10 @@ class XenTest:
             "etc/rigs/backend-ready": self.backend_ready.encode(),
             f"{DOMU_DIR}/initrd": domu_initrd.read_bytes(),
         }
+        for name, image in self.domu_kernels.items():
+            if "/" in name or name in ("Image", "initrd"):
+                raise ValueError(f"domU kernel name {name!r}: a plain name other than Image/initrd")
+            files[f"{DOMU_DIR}/{name}"] = image.read_bytes()
         if self.backend is not None:
             files["etc/rigs/backend"] = self.backend.encode()
         if self.pyvirtio_src is not None:
@@ -140,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--verbose", action="store_true", help="dom0 kernel without quiet")
+    parser.add_argument(
+        "--grant-kernel",
+        action="store_true",
+        help=f"build rigs.xen.grant_kernel and put it at /domu/{GRANT_IMAGE_NAME}",
+    )
     args = parser.parse_args(argv)
+    kernels: dict[str, Path] = {}
+    if args.grant_kernel:
+        kernels[GRANT_IMAGE_NAME] = ensure_grant_kernel().image
     domu = {}
     for spec in args.domu:
         name, _, path = spec.partition("=")
@@ -152,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         backend_ready=args.ready,
         timeout=args.timeout,
         quiet=not args.verbose,
+        domu_kernels=kernels,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rigs-xen-"))
     result = test.run(ensure_rig(), workdir, check=False)

@@ -7,7 +7,7 @@ export PYTHONPATH=/opt/pyvirtio
 RIGS_BACKEND=${RIGS_BACKEND-$(cat /etc/rigs/backend 2>/dev/null)}
 RIGS_BACKEND_READY=${RIGS_BACKEND_READY-$(cat /etc/rigs/backend-ready 2>/dev/null)}
 CONSOLE_DIR=/var/log/xen/console
-DOMU_KERNEL=/domu/Image
+DOMU_KERNEL=${DOMU_KERNEL:-/domu/Image}
 DOMU_INITRD=/domu/initrd
 DOMU_MEMORY=${DOMU_MEMORY:-256}
 DOMU_EXTRA=${DOMU_EXTRA:-quiet}
@@ -82,6 +82,14 @@ make_disk() { rm -f "$1"; truncate -s "${2}M" "$1"; }
 # standalone backend serves).
 vdisk() {
     echo "'format=raw, vdev=$1, access=${3:-rw}, backendtype=standalone, specification=virtio, target=$2'"
+}
+
+# domu_kernel NAME: boot the domUs configured from now on with /domu/NAME, a kernel the test
+# added (XenTest.domu_kernels, e.g. Image-grants: rigs.xen.grant_kernel); Image is Debian's.
+domu_kernel() {
+    [ -f "/domu/$1" ] || fail "no domU kernel /domu/$1"
+    DOMU_KERNEL=/domu/$1
+    say "domU kernel: $DOMU_KERNEL"
 }
 
 # domu_config NAME SCRIPT [DISKSPEC...]: write /etc/xen/NAME.cfg; the domU runs

@@ -1,7 +1,7 @@
 #!/bin/sh
-# rigs.xen domU /init: load virtio-mmio/virtio-blk (unless rigs.nomodules=1), wait for
-# rigs.disks=N disks, run /tests/<rigs.script>.sh, print "@@GUEST-EXIT <status>" on hvc0 and
-# power off.
+# rigs.xen domU /init: load virtio-mmio/virtio-blk (unless rigs.nomodules=1, or the kernel
+# has no module support and so has them built in), wait for rigs.disks=N disks, run
+# /tests/<rigs.script>.sh, print "@@GUEST-EXIT <status>" on hvc0 and power off.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -31,6 +31,12 @@ finish() {
 echo "@@GUEST-INIT up after $(cut -d' ' -f1 /proc/uptime)s"
 # rigs.nomodules=1: no virtio drivers (to look at the device tree without touching the device).
 [ "$modules" = 1 ] || disks=0
+# A kernel without module support (no /proc/modules, e.g. rigs.xen.grant_kernel's) has its
+# drivers built in: the archive's modules (Debian's kernel) are not for it.
+if [ "$modules" = 1 ] && [ ! -e /proc/modules ]; then
+    echo "@@GUEST-INIT kernel $(uname -r) has no module support: drivers are built in"
+    modules=builtin
+fi
 [ "$modules" = 1 ] && while read -r mod; do
     insmod "/lib/modules/rigs/$mod" || echo "@@GUEST-INIT insmod $mod failed"
 done < /etc/rigs/modules

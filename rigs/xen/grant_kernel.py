@@ -1,0 +1,196 @@
+"""A small arm64 domU kernel whose virtio devices use Xen grants (test guest only).
+
+Debian's arm64 kernels lack ``CONFIG_XEN_VIRTIO``, so this one is cross-built from Debian's
+``linux-source-6.1`` package (arch all: the source tarball): ``allnoconfig`` plus
+:data:`CONFIG` (everything built in, no modules), with the test-only
+``grant-dma-dom0.patch`` beside this file applied. With ``XEN_VIRTIO_FORCE_GRANT`` and that
+patch every virtio device of the guest, including the virtio-mmio disks libxl describes in
+its device tree, passes buffers as grant references to dom0: ``(1 << 63) | gref << 12`` plus
+the offset in the page (linux ``drivers/xen/grant-dma-ops.c``). Such a device must offer
+``VIRTIO_F_VERSION_1`` and ``VIRTIO_F_ACCESS_PLATFORM``, or the guest refuses it.
+
+The result is cached under ``<cache>/xen/grant-kernel/<source version>-<hash>/`` (``Image``,
+``config``, ``build.log``); the hash covers :data:`CONFIG`, the patch, the compiler and
+:data:`BUILD_FORMAT`. A build takes ~6 min on 2 cores (run at ``nice``). The domU initramfs
+needs no change: its /init skips ``insmod`` when the kernel has no module support.
+
+``python -m rigs.xen.grant_kernel`` builds it (if needed) and prints the Image's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rigs import RigError
+from rigs.cache import build_lock
+from rigs.host import find_tool
+from rigs.xen import xen_cache_dir
+from rigs.xen.apt import ForeignApt
+
+SOURCE_PACKAGE = "linux-source-6.1"
+TARBALL = f"./usr/src/{SOURCE_PACKAGE}.tar.xz"
+PATCH = Path(__file__).with_name("grant-dma-dom0.patch")
+CROSS_COMPILE = "aarch64-linux-gnu-"
+BUILD_FORMAT = 1  # bump to rebuild
+JOBS = 2
+GRANT_IMAGE_NAME = "Image-grants"  # its name in dom0's /domu (XenTest.domu_kernels)
+
+#: Set on top of allnoconfig (``KCONFIG_ALLCONFIG``); each must be ``=y`` in the result.
+CONFIG = (
+    # the basics a busybox + glibc userland needs
+    "PRINTK",
+    "TTY",
+    "MULTIUSER",
+    "FUTEX",
+    "POSIX_TIMERS",
+    "FILE_LOCKING",
+    "BINFMT_ELF",
+    "BINFMT_SCRIPT",
+    "PROC_FS",
+    "PROC_SYSCTL",  # /proc/sys/vm/drop_caches
+    "SYSFS",
+    "TMPFS",
+    "DEVTMPFS",
+    "DEVTMPFS_MOUNT",
+    "BLK_DEV_INITRD",
+    "RD_GZIP",
+    # an arm64 Xen guest with its console on hvc0
+    "OF",
+    "XEN",
+    "HVC_XEN",
+    # virtio-mmio disks, through grants
+    "VIRTIO_MENU",
+    "VIRTIO",
+    "VIRTIO_MMIO",
+    "XEN_VIRTIO",
+    "XEN_VIRTIO_FORCE_GRANT",
+    "BLOCK",
+    "BLK_DEV",
+    "VIRTIO_BLK",
+    "EXT4_FS",
+)
+
+
+@dataclass(frozen=True)
+class GrantKernel:
+    """A built grant kernel: the arm64 ``Image`` a domU boots, and its .config."""
+
+    version: str  # the linux-source package version
+    image: Path
+    config: Path
+
+    def config_value(self, option: str) -> str | None:
+        """``y``/value of ``CONFIG_<option>``, or None."""
+        prefix = f"CONFIG_{option}="
+        for line in self.config.read_text().splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        return None
+
+
+def _compiler_version() -> str:
+    gcc = find_tool(f"{CROSS_COMPILE}gcc")
+    return subprocess.run([str(gcc), "--version"], capture_output=True, text=True).stdout
+
+
+def build_key(version: str) -> str:
+    """The cache key of a build of source ``version`` with this module's settings."""
+    h = hashlib.sha256()
+    for part in (str(BUILD_FORMAT), version, "\n".join(CONFIG), _compiler_version()):
+        h.update(part.encode() + b"\n")
+    h.update(PATCH.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _run(cmd: list[str], cwd: Path, log: Path, what: str) -> None:
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RigError(f"{what} failed (log: {log}):\n{tail}")
+
+
+def _unpack_source(deb: Path, dest: Path) -> Path:
+    """Stream the tarball out of the .deb and unpack it (no copy of it on disk)."""
+    deb_tar = subprocess.Popen(
+        [str(find_tool("dpkg-deb")), "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE
+    )
+    inner = subprocess.Popen(["tar", "-xO", TARBALL], stdin=deb_tar.stdout, stdout=subprocess.PIPE)
+    assert deb_tar.stdout is not None
+    deb_tar.stdout.close()
+    untar = subprocess.run(
+        ["tar", "-xJ", "-C", str(dest)],
+        stdin=inner.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert inner.stdout is not None
+    inner.stdout.close()
+    if deb_tar.wait() != 0 or inner.wait() != 0 or untar.returncode != 0:
+        raise RigError(f"cannot unpack {TARBALL} from {deb.name}: {untar.stderr.strip()[-500:]}")
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
+        raise RigError(f"{deb.name}: the tarball does not unpack to one tree with a Makefile")
+    return tops[0]
+
+
+def ensure_grant_kernel(apt: ForeignApt | None = None, into: Path | None = None) -> GrantKernel:
+    """Build (once) the grant kernel from the newest ``linux-source-6.1`` into
+    ``into`` (default ``<cache>/xen/grant-kernel``); RigError if it cannot be built."""
+    into = into or xen_cache_dir("grant-kernel")
+    with build_lock("xen-grant-kernel"):
+        if apt is None:
+            apt = ForeignApt(xen_cache_dir("apt"), xen_cache_dir("debs"))
+            apt.update()
+        version = apt.version(SOURCE_PACKAGE)
+        out = into / f"{version}-{build_key(version)}"
+        built = GrantKernel(version, out / "Image", out / "config")
+        if built.image.is_file() and built.config.is_file():
+            return built
+        for tool in ("make", "flex", "bison", "bc", "patch", "dpkg-deb", "xz"):
+            find_tool(tool)
+        find_tool(f"{CROSS_COMPILE}gcc")
+        deb = apt.download({SOURCE_PACKAGE: version})[SOURCE_PACKAGE]
+        into.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
+            work = Path(tmp)
+            log = work / "build.log"
+            src = _unpack_source(deb, work)
+            _run(["patch", "-p1", "--forward", "-i", str(PATCH)], src, log, "patch")
+            fragment = work / "fragment.config"
+            fragment.write_text("".join(f"CONFIG_{opt}=y\n" for opt in CONFIG))
+            make = ["make", "ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
+            _run([*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig")
+            config = (src / ".config").read_text()
+            missing = [o for o in CONFIG if f"CONFIG_{o}=y" not in config.splitlines()]
+            if missing:
+                raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
+            jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
+            _run(["nice", *make, jobs, "Image"], src, log, "make Image")
+            stage = work / "out"
+            stage.mkdir()
+            shutil.copy2(src / "arch" / "arm64" / "boot" / "Image", stage / "Image")
+            (stage / "config").write_text(config)
+            shutil.copy2(log, stage / "build.log")
+            shutil.rmtree(out, ignore_errors=True)
+            stage.rename(out)
+            out.chmod(0o755)
+        for stale in into.glob(f"{version}-*"):
+            if stale != out and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+        return built
+
+
+if __name__ == "__main__":
+    kernel = ensure_grant_kernel()
+    size = kernel.image.stat().st_size
+    print(f"{SOURCE_PACKAGE} {kernel.version}: {kernel.image} ({size} bytes)")
