@@ -62,6 +62,7 @@ class ForeignGuestMemory(GuestMemory):
         self.privcmd = privcmd
         self.gntdev = gntdev
         self.grants_seen = False
+        self.grant_maps = 0
         self.domid = domid
         self.static = static
         self.max_buckets = max(4, max_pages // BUCKET_PAGES)
@@ -167,13 +168,14 @@ class ForeignGuestMemory(GuestMemory):
     def close(self) -> None:
         log.info(
             "dom%d: map cache: %d maps, %d evictions, at most %d pages mapped (bound %d, "
-            "at most %d pages held by requests in flight)",
+            "at most %d pages held by requests in flight); %d grant maps",
             self.domid,
             self.maps,
             self.evictions,
             self.peak_buckets * BUCKET_PAGES,
             self.max_buckets * BUCKET_PAGES,
             self.peak_held * BUCKET_PAGES,
+            self.grant_maps,
         )
         with self._lock:
             for mapping in self._buckets.values():
@@ -279,6 +281,7 @@ class ForeignGuestMemory(GuestMemory):
             mapping = self.gntdev.map(self.domid, gref, count, writable)
         except OSError as exc:
             raise GuestMemoryError(addr, length, f"grant {gref}: {exc.strerror}") from None
+        self.grant_maps += 1
         if not self.grants_seen:
             self.grants_seen = True
             log.info(
