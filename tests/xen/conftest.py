@@ -10,7 +10,7 @@ tmp_path (``xen/console.log``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,8 @@ def xen_rig() -> XenRig:
 
 @pytest.fixture
 def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
-    """``xen_run(dom0_script, domu_scripts={...}, backend=..., check=True)``: boot once."""
+    """``xen_run(dom0_script, domu_scripts={...}, backend=..., check=True, domu_kernels=...)``:
+    boot once."""
 
     def run(
         dom0_script: str,
@@ -45,6 +46,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
         backend: str | None = BACKEND,
         check: bool = True,
         timeout: float = 900.0,
+        domu_kernels: Mapping[str, Path] | None = None,
     ) -> GuestResult:
         test = XenTest(
             dom0_script,
@@ -52,6 +54,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
             backend=backend,
             backend_ready=BACKEND_READY,
             timeout=timeout,
+            domu_kernels=domu_kernels or {},
         )
         result = test.run(xen_rig, tmp_path / "xen", check=check)
         print(f"xen run: {result.elapsed:.1f} s wall, console {result.console_path}")
