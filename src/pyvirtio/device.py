@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from concurrent.futures import Executor, Future
 from typing import ClassVar, Protocol
 
@@ -56,8 +57,11 @@ class VirtioDevice:
     device_id: ClassVar[DeviceId]
     #: Runs large requests in parallel when a shim sets it (the vhost-user CLI's --io-threads).
     executor: Executor | None = None
-    #: Requests of at least this many bytes go to the executor.
-    parallel_threshold = 64 * 1024
+    #: Requests of at least this many bytes go to the executor...
+    parallel_threshold = 1024 * 1024
+    #: ...at most this many of one queue at a time (the executor's threads); the queue's own
+    #: thread handles the next one meanwhile.
+    parallel_requests = 1
 
     def __init__(self, num_queues: int, queue_size: int) -> None:
         if num_queues < 1:
@@ -214,6 +218,11 @@ class VirtioDevice:
 
     # -- queue processing ----------------------------------------------------------------------
 
+    def _complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
+        if chain.held:
+            self._release(chain)
+        queue.push(chain.head, written)
+
     def _release(self, chain: DescriptorChain) -> None:
         """Unmap what was mapped for ``chain`` alone before the driver sees it completed (a
         Xen guest may revoke its grants as soon as it does)."""
@@ -226,34 +235,40 @@ class VirtioDevice:
     def process_queue(self, index: int) -> None:
         """Drain queue ``index``: handle every available chain, then interrupt if asked to.
 
-        With an ``executor``, chains of at least ``parallel_threshold`` bytes run on it while
-        the others are handled here; the batch is published once all of them are done.
+        With an ``executor``, up to ``parallel_requests`` chains of at least
+        ``parallel_threshold`` bytes run on it while this thread handles the next ones. Each
+        completes as soon as it is done and this thread looks for new chains then, so that the
+        driver can refill the ring while the others run; the call returns once none is left in
+        flight.
         """
         queue = self.queues[index]
         if not queue.active or self.broken is not None:
             return
         executor = self.executor
         threshold = self.parallel_threshold
-        pending: list[tuple[DescriptorChain, Future[int]]] = []
+        limit = self.parallel_requests
+        pending: deque[tuple[DescriptorChain, Future[int]]] = deque()
         try:
             queue.disable_notifications()
             while True:
                 while (chain := queue.pop()) is not None:
-                    if executor is not None and chain.read_len + chain.write_len >= threshold:
+                    if (
+                        executor is not None
+                        and len(pending) < limit
+                        and chain.read_len + chain.write_len >= threshold
+                    ):
                         pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
-                    else:
-                        written = self.handle_chain(queue, chain)
-                        if chain.held:
-                            self._release(chain)
-                        queue.push(chain.head, written)
-                while pending:
-                    chain, future = pending.pop(0)
-                    written = future.result()
-                    if chain.held:
-                        self._release(chain)
-                    queue.push(chain.head, written)
+                        continue
+                    self._complete(queue, chain, self.handle_chain(queue, chain))
+                    while pending and pending[0][1].done():
+                        chain, future = pending.popleft()
+                        self._complete(queue, chain, future.result())
                 if queue.publish():
                     self.events.queue_interrupt(index)
+                if pending:
+                    chain, future = pending.popleft()
+                    self._complete(queue, chain, future.result())
+                    continue
                 if not queue.enable_notifications():
                     break
                 queue.disable_notifications()

@@ -460,15 +460,17 @@ def test_segment_descriptor_flags_are_what_linux_sends(blk: Blk) -> None:
 
 
 def test_large_requests_on_an_executor(make_blk: Callable[..., Blk]) -> None:
-    """Requests above the threshold run on the executor; the batch still completes in full."""
+    """Requests above the threshold run on the executor, at most ``parallel_requests`` at a
+    time (the others on the queue thread); every request completes with its data."""
     from concurrent.futures import ThreadPoolExecutor
 
     blk = make_blk(threaded=True, queue_size=256)
     blk.device.executor = ThreadPoolExecutor(2)
     blk.device.parallel_threshold = 8192
+    blk.device.parallel_requests = 2
     drv = blk.driver
     drv.segment_size = 65536
-    blobs = [os.urandom(n) for n in (512, 16384, 4096, 65536, 131072, 1024)]
+    blobs = [os.urandom(n) for n in (512, 16384, 4096, 65536, 131072, 1024, 32768, 8704)]
     reqs = [
         drv.submit(BlkRequestType.OUT, i * 512, data_out=b, kick=False) for i, b in enumerate(blobs)
     ]
