@@ -51,7 +51,9 @@ def _wait_for(sock: Path, proc: subprocess.Popen[bytes], name: str) -> None:
     raise RuntimeError(f"{name} did not create {sock}")
 
 
-def start_pyvirtio(image: Path, sock: Path, num_queues: int, direct: bool = False) -> Backend:
+def start_pyvirtio(
+    image: Path, sock: Path, num_queues: int, direct: bool = False, io_threads: int = 0
+) -> Backend:
     args = [
         sys.executable,
         "-m",
@@ -68,10 +70,12 @@ def start_pyvirtio(image: Path, sock: Path, num_queues: int, direct: bool = Fals
     ]
     if direct:
         args.append("--direct")
+    if io_threads:
+        args += ["--io-threads", str(io_threads)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen(args, env=env)
     _wait_for(sock, proc, "pyvirtio blk")
-    return Backend("pyvirtio", proc, sock)
+    return Backend(f"pyvirtio --io-threads {io_threads}" if io_threads else "pyvirtio", proc, sock)
 
 
 def start_qsd(image: Path | None, sock: Path, num_queues: int, direct: bool = False) -> Backend:

@@ -4,6 +4,8 @@ Both back-ends serve the same image; each workload runs on one, then the other (
 alternates), after a sync so that neither pays for the other's writeback. Each workload's
 figures are compared as per-round ratios and the medians of those ratios are reported. The
 generator's own ceiling is measured against qemu-storage-daemon's null-co device (no I/O).
+Requests of 1 MiB also run against ``pyvirtio blk --io-threads 2`` (they are copied on two
+more threads while the queue's thread goes on).
 
     python -m bench.loadgen_suite [--rounds 3] [--runtime 3] [--out out/bench]
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from bench.backends import Backend, data_image, start_pyvirtio, start_qsd
 from pyvirtio.bench.loadgen import LoadGenerator, Workload, process_cpu_seconds
+from pyvirtio.device import VirtioDevice
 
 #: (rw, block size, iodepth)
 WORKLOADS = [
@@ -36,6 +39,10 @@ WORKLOADS = [
     ("write", 1 << 20, 4),
 ]
 IMAGE_SIZE = 512 << 20
+#: The threaded variant runs the workloads whose requests it hands to its threads.
+IO_THREADS = 2
+THREADED = f"pyvirtio --io-threads {IO_THREADS}"
+PARALLEL_THRESHOLD = VirtioDevice.parallel_threshold
 
 
 def label(rw: str, bs: int, depth: int) -> str:
@@ -81,13 +88,15 @@ def main() -> None:
         backends = [
             start_pyvirtio(image, work / "pyvirtio.sock", 1),
             start_qsd(image, work / "qsd.sock", 1),
+            start_pyvirtio(image, work / "threaded.sock", 1, io_threads=IO_THREADS),
         ]
         try:
             for i, (rw, bs, depth) in enumerate(WORKLOADS):
                 key = label(rw, bs, depth)
+                here = [b for b in backends if b.name != THREADED or bs >= PARALLEL_THRESHOLD]
                 # Alternate who goes first; start each measurement with no dirty page cache
                 # left by the previous one, so that neither pays for the other's writeback.
-                for backend in backends if (rnd + i) % 2 == 0 else reversed(backends):
+                for backend in here if (rnd + i) % 2 == 0 else reversed(here):
                     os.sync()
                     figures = measure(backend, rw, bs, depth, args.runtime)
                     runs.setdefault(key, {}).setdefault(backend.name, []).append(figures)
@@ -124,9 +133,25 @@ def main() -> None:
                 a[field] / b[field] for a, b in zip(ours, theirs, strict=True) if b[field]
             )
 
+        threaded = by_backend.get(THREADED)
         summary.append(
             {
                 "workload": key,
+                "threaded_iops_ratio": (
+                    statistics.median(
+                        a["iops"] / b["iops"] for a, b in zip(threaded, theirs, strict=True)
+                    )
+                    if threaded
+                    else None
+                ),
+                "threaded_cpu_per_gib_ratio": (
+                    statistics.median(
+                        a["cpu_s_per_gib"] / b["cpu_s_per_gib"]
+                        for a, b in zip(threaded, theirs, strict=True)
+                    )
+                    if threaded
+                    else None
+                ),
                 "pyvirtio_iops": statistics.median(r["iops"] for r in ours),
                 "qsd_iops": statistics.median(r["iops"] for r in theirs),
                 "iops_ratio": ratio("iops"),
@@ -172,6 +197,20 @@ def main() -> None:
             f"| {s['cpu_per_gib_ratio']:.2f} | {s['pyvirtio_p99_us']:.0f} / {s['qsd_p99_us']:.0f} "
             f"| {s['pyvirtio_cpu_us_per_request']:.1f} / {s['qsd_cpu_us_per_request']:.1f} |"
         )
+    lines += [
+        "",
+        f"`{THREADED}` (requests of {PARALLEL_THRESHOLD >> 20} MiB and more on its threads), "
+        "against qemu-storage-daemon in the same rounds:",
+        "",
+        "| workload | IOPS ratio | CPU/GiB ratio |",
+        "| --- | ---: | ---: |",
+    ]
+    for s in summary:
+        if s["threaded_iops_ratio"] is not None:
+            lines.append(
+                f"| {s['workload']} | {s['threaded_iops_ratio']:.2f} "
+                f"| {s['threaded_cpu_per_gib_ratio']:.2f} |"
+            )
     lines += ["", "Generator ceiling (qemu-storage-daemon null-co, no I/O):", ""]
     for key, f in ceiling.items():
         lines.append(f"- {key}: {f['iops']:.0f} IOPS, {f['bw_bytes'] / 2**20:.0f} MiB/s")
@@ -184,7 +223,7 @@ def main() -> None:
 
 
 def chart(
-    summary: list[dict[str, float | str]],
+    summary: list[dict[str, float | str | None]],
     runs: dict[str, dict[str, list[dict[str, float]]]],
     path: Path,
 ) -> None:
