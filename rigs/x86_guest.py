@@ -78,6 +78,7 @@ class X86Guest:
             timeout=timeout,
             workdir=workdir,
             extra_args=extra_args,
+            fatal_stderr=fatal_stderr,
         )
 
     def run(
