@@ -4,7 +4,7 @@ Everything downloaded or built lives in the cache directory (see :mod:`rigs.cach
 is committed. The usual entry points:
 
 * :func:`rigs.x86_guest.ensure_guest` -- kernel + initramfs, built once and cached;
-* :class:`rigs.qemu.QemuGuest` / :func:`rigs.qemu.run_guest` -- boot it with vhost-user-blk disks;
+* :class:`rigs.qemu.QemuGuest` -- boot it with vhost-user-blk disks;
 * :data:`rigs.backends.BACKENDS` -- vhost-user-blk back-ends (qemu-storage-daemon, pyvirtio).
 """
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from rigs import RigError
 from rigs.host import die_with_parent
@@ -146,82 +147,41 @@ def parse_console(text: str) -> tuple[int | None, dict[str, str]]:
     return exit_code, results
 
 
-class QemuGuest:
-    """One QEMU process running the guest; use :meth:`start` and :meth:`wait`, or as a context
-    manager (which kills QEMU on exit).
+class QemuProcess:
+    """One QEMU process in the background, its console and stderr captured to files in
+    ``workdir``: what :class:`QemuGuest` and ``rigs.xen.qemu.XenMachine`` share. Subclasses
+    give :meth:`command`; used as a context manager, QEMU is killed on exit."""
 
-    ``timeout`` is a hard wall-clock limit counted from :meth:`start`. QEMU is killed as soon
-    as its stderr shows one of ``fatal_stderr`` (default :func:`default_fatal_stderr`).
-    """
+    #: How many lines of console and stderr an error message ends with.
+    tail_lines = CONSOLE_TAIL_LINES
+    #: What to install when QEMU is missing (for the error message).
+    install_hint = "scripts/host-deps guest"
 
-    def __init__(
-        self,
-        kernel: Path,
-        initrd: Path,
-        disks: Sequence[Disk] = (),
-        *,
-        smp: int = 1,
-        memory_mib: int = 512,
-        append: Sequence[str] = (),
-        no_reboot: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-        wait_disks: int | None = None,
-        workdir: Path | None = None,
-        extra_args: Sequence[str] = (),
-        fatal_stderr: Sequence[str] | None = None,
-        qemu: str = "qemu-system-x86_64",
-    ) -> None:
-        self.kernel = kernel
-        self.initrd = initrd
-        self.disks = list(disks)
-        self.smp = smp
-        self.memory_mib = memory_mib
-        self.append = [*DEFAULT_APPEND, *append]
-        if not any(a.startswith("rigs.disks=") for a in self.append):
-            count = len(self.disks) if wait_disks is None else wait_disks
-            self.append.append(f"rigs.disks={count}")
-        self.no_reboot = no_reboot
-        self.timeout = timeout
-        self.extra_args = list(extra_args)
-        self.fatal_stderr = (
-            default_fatal_stderr(disks) if fatal_stderr is None else tuple(fatal_stderr)
-        )
+    def __init__(self, qemu: str, timeout: float, workdir: Path, prefix: str = "qemu") -> None:
         self.qemu = qemu
-        self._own_workdir = workdir is None
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="rigs-qemu-"))
+        self.timeout = timeout
+        self.workdir = workdir
         self.console_path = self.workdir / "console.log"
         self.stderr_path = self.workdir / "qemu.stderr"
+        self._name = prefix
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
         self._ended: float | None = None
 
     def command(self) -> list[str]:
         """The full QEMU command line."""
-        mem = f"{self.memory_mib}M"
-        cmd = [
-            self.qemu,
-            "-M", "microvm,acpi=on,memory-backend=mem",
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-            "-global", "virtio-mmio.force-legacy=false",
-            "-accel", "tcg",
-            "-cpu", "max",
-            "-smp", str(self.smp),
-            "-m", mem,
-            "-nographic",
-            "-kernel", str(self.kernel),
-            "-initrd", str(self.initrd),
-            "-append", " ".join(self.append),
-        ]  # fmt: skip
-        if self.no_reboot:
-            cmd.append("-no-reboot")
-        return cmd + disk_args(self.disks) + self.extra_args
+        raise NotImplementedError
 
-    def start(self) -> QemuGuest:
+    def _check_inputs(self) -> None:
+        """RigError if something the command line names is missing (before QEMU starts)."""
+
+    def start(self) -> Self:
         """Start QEMU in the background; console output goes to :attr:`console_path`."""
         if self._proc is not None:
-            raise RigError("QemuGuest.start: already started")
+            raise RigError(f"{self._name}.start: already started")
         if shutil.which(self.qemu) is None:
-            raise RigError(f"{self.qemu} is not installed (scripts/host-deps guest)")
+            raise RigError(f"{self.qemu} is not installed ({self.install_hint})")
+        self._check_inputs()
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "cmdline").write_text(shlex.join(self.command()) + "\n")
         with self.console_path.open("wb") as out, self.stderr_path.open("wb") as err:
@@ -263,9 +223,108 @@ class QemuGuest:
         parts = [f"{what} (console: {self.console_path})"]
         err = self.stderr_text().strip()
         if err:
-            parts.append(f"--- qemu stderr ---\n{_tail(err)}")
-        parts.append(f"--- console tail ---\n{_tail(self.console_text())}")
+            parts.append(f"--- qemu stderr ---\n{_tail(err, self.tail_lines)}")
+        parts.append(f"--- console tail ---\n{_tail(self.console_text(), self.tail_lines)}")
         return "\n".join(parts)
+
+    def _result(self, proc: subprocess.Popen[bytes]) -> GuestResult:
+        """What the guest reported, once QEMU has exited (or been killed)."""
+        if self._ended is None:
+            self._ended = time.monotonic()
+        console = self.console_text()
+        exit_code, results = parse_console(console)
+        return GuestResult(
+            exit_code=exit_code,
+            results=results,
+            console=console,
+            console_path=self.console_path,
+            returncode=proc.returncode,
+            elapsed=self._ended - self._started,
+        )
+
+    def kill(self) -> None:
+        """Kill QEMU (if running) and reap it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+            self._ended = time.monotonic()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+class QemuGuest(QemuProcess):
+    """One QEMU process running the guest; use :meth:`start` and :meth:`wait`, or as a context
+    manager (which kills QEMU on exit).
+
+    ``timeout`` is a hard wall-clock limit counted from :meth:`start`. QEMU is killed as soon
+    as its stderr shows one of ``fatal_stderr`` (default :func:`default_fatal_stderr`).
+    """
+
+    def __init__(
+        self,
+        kernel: Path,
+        initrd: Path,
+        disks: Sequence[Disk] = (),
+        *,
+        smp: int = 1,
+        memory_mib: int = 512,
+        append: Sequence[str] = (),
+        no_reboot: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        wait_disks: int | None = None,
+        workdir: Path | None = None,
+        extra_args: Sequence[str] = (),
+        fatal_stderr: Sequence[str] | None = None,
+        qemu: str = "qemu-system-x86_64",
+    ) -> None:
+        self.kernel = kernel
+        self.initrd = initrd
+        self.disks = list(disks)
+        self.smp = smp
+        self.memory_mib = memory_mib
+        self.append = [*DEFAULT_APPEND, *append]
+        if not any(a.startswith("rigs.disks=") for a in self.append):
+            count = len(self.disks) if wait_disks is None else wait_disks
+            self.append.append(f"rigs.disks={count}")
+        self.no_reboot = no_reboot
+        self.extra_args = list(extra_args)
+        self.fatal_stderr = (
+            default_fatal_stderr(disks) if fatal_stderr is None else tuple(fatal_stderr)
+        )
+        self._own_workdir = workdir is None
+        super().__init__(
+            qemu, timeout, workdir or Path(tempfile.mkdtemp(prefix="rigs-qemu-")), "QemuGuest"
+        )
+
+    def command(self) -> list[str]:
+        """The full QEMU command line."""
+        mem = f"{self.memory_mib}M"
+        cmd = [
+            self.qemu,
+            "-M", "microvm,acpi=on,memory-backend=mem",
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-accel", "tcg",
+            "-cpu", "max",
+            "-smp", str(self.smp),
+            "-m", mem,
+            "-nographic",
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", " ".join(self.append),
+        ]  # fmt: skip
+        if self.no_reboot:
+            cmd.append("-no-reboot")
+        return cmd + disk_args(self.disks) + self.extra_args
 
     def _check_fatal(self) -> None:
         if not self.fatal_stderr:
@@ -315,78 +374,19 @@ class QemuGuest:
                 )
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(0.1)
-        if self._ended is None:
-            self._ended = time.monotonic()
-        console = self.console_text()
-        exit_code, results = parse_console(console)
-        result = GuestResult(
-            exit_code=exit_code,
-            results=results,
-            console=console,
-            console_path=self.console_path,
-            returncode=self._proc.returncode,
-            elapsed=self._ended - self._started,
-        )
+        result = self._result(self._proc)
         if self._proc.returncode != 0:
             raise GuestError(self._describe(f"QEMU exited with status {self._proc.returncode}"))
-        if exit_code is None:
+        if result.exit_code is None:
             raise GuestError(self._describe("the guest ended without printing @@EXIT"))
-        if check and exit_code != 0:
-            raise GuestError(self._describe(f"the guest's test exited with status {exit_code}"))
+        if check and result.exit_code != 0:
+            raise GuestError(
+                self._describe(f"the guest's test exited with status {result.exit_code}")
+            )
         return result
-
-    def kill(self) -> None:
-        """Kill QEMU (if running) and reap it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-            self._ended = time.monotonic()
 
     def cleanup(self) -> None:
         """Kill QEMU and remove the work directory if this object created it."""
         self.kill()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> QemuGuest:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()
-
-
-def run_guest(
-    kernel: Path,
-    initrd: Path,
-    disks: Sequence[Disk] = (),
-    *,
-    smp: int = 1,
-    memory_mib: int = 512,
-    append: Sequence[str] = (),
-    no_reboot: bool = True,
-    timeout: float = DEFAULT_TIMEOUT,
-    workdir: Path | None = None,
-    extra_args: Sequence[str] = (),
-    check: bool = True,
-) -> GuestResult:
-    """Boot the guest, wait for it to finish and return its result (see :class:`QemuGuest`)."""
-    guest = QemuGuest(
-        kernel,
-        initrd,
-        disks,
-        smp=smp,
-        memory_mib=memory_mib,
-        append=append,
-        no_reboot=no_reboot,
-        timeout=timeout,
-        workdir=workdir,
-        extra_args=extra_args,
-    )
-    with guest:
-        guest.start()
-        return guest.wait(check=check)

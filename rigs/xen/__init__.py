@@ -7,7 +7,7 @@ Everything comes from Debian (arm64 packages and the xen source package) and is 
 * :func:`rigs.xen.build.ensure_rig` -- the hypervisor, kernel and both base initramfs archives;
 * :class:`rigs.xen.harness.XenTest` -- one boot: a dom0 script, domU scripts, the backend command
   (also ``python -m rigs.xen.harness DOM0.sh [NAME=DOMU.sh ...]``);
-* :class:`rigs.xen.qemu.XenMachine` / :func:`rigs.xen.qemu.run_xen` -- the boot itself;
+* :class:`rigs.xen.qemu.XenMachine` -- the boot itself;
 * :func:`rigs.xen.grant_kernel.ensure_grant_kernel` -- a small domU kernel whose virtio devices
   use grants (built on demand, not by ``ensure_rig``; ``XenTest(domu_kernels=...)`` carries it).
 

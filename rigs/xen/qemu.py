@@ -9,17 +9,13 @@ A run without ``@@EXIT`` is a failure whose message ends with the console's tail
 
 from __future__ import annotations
 
-import shlex
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from rigs import RigError
-from rigs.qemu import GuestError, GuestResult, GuestTimeout, parse_console
+from rigs.qemu import GuestError, GuestResult, GuestTimeout, QemuProcess
 
 QEMU = "qemu-system-aarch64"
 XEN_ARGS = ("dom0_mem=768M", "dom0_max_vcpus=1", "console=dtuart")
@@ -31,13 +27,12 @@ EXIT_GRACE = 30.0  # after @@EXIT, how long QEMU may take to power off before it
 CONSOLE_TAIL_LINES = 60
 
 
-def _tail(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class XenMachine:
+class XenMachine(QemuProcess):
     """One qemu-system-aarch64 running Xen and dom0; :meth:`start` then :meth:`wait`, or use it
     as a context manager (QEMU is killed on exit). ``timeout`` is a hard wall-clock limit."""
+
+    tail_lines = CONSOLE_TAIL_LINES
+    install_hint = "apt-get install qemu-system-arm"
 
     def __init__(
         self,
@@ -61,15 +56,10 @@ class XenMachine:
         self.dom0_args = list(dom0_args)
         self.memory_mib = memory_mib
         self.smp = smp
-        self.timeout = timeout
         self.extra_args = list(extra_args)
-        self.qemu = qemu
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="rigs-xen-"))
-        self.console_path = self.workdir / "console.log"
-        self.stderr_path = self.workdir / "qemu.stderr"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._started = 0.0
-        self._ended: float | None = None
+        super().__init__(
+            qemu, timeout, workdir or Path(tempfile.mkdtemp(prefix="rigs-xen-")), "XenMachine"
+        )
 
     def command(self) -> list[str]:
         """The full QEMU command line."""
@@ -93,46 +83,10 @@ class XenMachine:
             *self.extra_args,
         ]  # fmt: skip
 
-    def start(self) -> XenMachine:
-        """Start QEMU in the background; the console goes to :attr:`console_path`."""
-        if self._proc is not None:
-            raise RigError("XenMachine.start: already started")
-        if shutil.which(self.qemu) is None:
-            raise RigError(f"{self.qemu} is not installed (apt-get install qemu-system-arm)")
+    def _check_inputs(self) -> None:
         for path in (self.hypervisor, self.kernel, self.initrd):
             if not path.is_file():
                 raise RigError(f"XenMachine: {path} does not exist")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "cmdline").write_text(shlex.join(self.command()) + "\n")
-        with self.console_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self._proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
-            )
-        self._started = time.monotonic()
-        return self
-
-    def running(self) -> bool:
-        """Whether QEMU is still running."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def console_text(self) -> str:
-        """The console output so far (CRs removed)."""
-        try:
-            data = self.console_path.read_bytes()
-        except FileNotFoundError:
-            return ""
-        return data.decode(errors="replace").replace("\r", "")
-
-    def _describe(self, what: str) -> str:
-        parts = [f"{what} (console: {self.console_path})"]
-        try:
-            err = self.stderr_path.read_text(errors="replace").strip()
-        except FileNotFoundError:
-            err = ""
-        if err:
-            parts.append(f"--- qemu stderr ---\n{_tail(err)}")
-        parts.append(f"--- console tail ---\n{_tail(self.console_text())}")
-        return "\n".join(parts)
 
     def wait(self, *, check: bool = True) -> GuestResult:
         """Wait for ``@@EXIT`` and QEMU's exit; return what dom0 reported.
@@ -158,59 +112,11 @@ class XenMachine:
                     self._describe(f"no @@EXIT within {self.timeout:.0f} s; QEMU killed")
                 )
             time.sleep(0.2)
-        if self._ended is None:
-            self._ended = time.monotonic()
-        console = self.console_text()
-        exit_code, results = parse_console(console)
-        result = GuestResult(
-            exit_code=exit_code,
-            results=results,
-            console=console,
-            console_path=self.console_path,
-            returncode=proc.returncode,
-            elapsed=self._ended - self._started,
-        )
-        if exit_code is None:
+        result = self._result(proc)
+        if result.exit_code is None:
             raise GuestError(
                 self._describe(f"dom0 ended without @@EXIT (QEMU status {proc.returncode})")
             )
-        if check and exit_code != 0:
-            raise GuestError(self._describe(f"the dom0 test exited with status {exit_code}"))
+        if check and result.exit_code != 0:
+            raise GuestError(self._describe(f"the dom0 test exited with status {result.exit_code}"))
         return result
-
-    def kill(self) -> None:
-        """Kill QEMU (if running) and reap it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-            self._ended = time.monotonic()
-
-    def __enter__(self) -> XenMachine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()
-
-
-def run_xen(
-    hypervisor: Path,
-    kernel: Path,
-    initrd: Path,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    workdir: Path | None = None,
-    check: bool = True,
-    quiet: bool = True,
-) -> GuestResult:
-    """Boot, wait for dom0's test to finish and return its result (see :class:`XenMachine`)."""
-    dom0_args = (*DOM0_ARGS, "quiet") if quiet else DOM0_ARGS
-    with XenMachine(
-        hypervisor, kernel, initrd, dom0_args=dom0_args, timeout=timeout, workdir=workdir
-    ) as machine:
-        machine.start()
-        return machine.wait(check=check)
