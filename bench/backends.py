@@ -1,33 +1,18 @@
-"""The vhost-user-blk back-ends the benchmarks compare, started on the same image."""
+"""What the benchmarks serve: a data image, the back-ends of :mod:`rigs.backends` set up for
+speed, and qemu-storage-daemon's null-co device (the load generator's ceiling)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from rigs.backends import BlkOptions, Pyvirtio, QemuStorageDaemon, RunningBackend
+from rigs.host import find_tool
 
-@dataclass
-class Backend:
-    name: str
-    proc: subprocess.Popen[bytes]
-    socket: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+PYVIRTIO = Pyvirtio()
+QSD = QemuStorageDaemon()
+#: pyvirtio's largest ring, so that the front-end's queue size is never what limits it.
+QUEUE_SIZE = 1024
 
 
 def data_image(path: Path, size: int) -> Path:
@@ -40,69 +25,30 @@ def data_image(path: Path, size: int) -> Path:
     return path
 
 
-def _wait_for(sock: Path, proc: subprocess.Popen[bytes], name: str) -> None:
-    for _ in range(500):
-        if sock.exists():
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}")
-        time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError(f"{name} did not create {sock}")
+def start_pyvirtio(image: Path, sock: Path, io_threads: int = 0) -> RunningBackend:
+    return PYVIRTIO.start(image, sock, BlkOptions(queue_size=QUEUE_SIZE, io_threads=io_threads))
 
 
-def start_pyvirtio(
-    image: Path, sock: Path, num_queues: int, direct: bool = False, io_threads: int = 0
-) -> Backend:
-    args = [
-        sys.executable,
-        "-m",
-        "pyvirtio",
-        "blk",
-        "--image",
-        str(image),
-        "--socket-path",
-        str(sock),
-        "--num-queues",
-        str(num_queues),
-        "--queue-size",
-        "1024",
-    ]
-    if direct:
-        args.append("--direct")
-    if io_threads:
-        args += ["--io-threads", str(io_threads)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen(args, env=env)
-    _wait_for(sock, proc, "pyvirtio blk")
-    return Backend(f"pyvirtio --io-threads {io_threads}" if io_threads else "pyvirtio", proc, sock)
+def start_qsd(image: Path, sock: Path) -> RunningBackend:
+    return QSD.start(image, sock)
 
 
-def start_qsd(image: Path | None, sock: Path, num_queues: int, direct: bool = False) -> Backend:
-    """qemu-storage-daemon's vhost-user-blk export; ``image=None`` exports a null-co device."""
-    exe = shutil.which("qemu-storage-daemon")
-    if exe is None:
-        raise RuntimeError("qemu-storage-daemon not found (Debian: qemu-system-common)")
-    if image is None:
-        blockdev = ["--blockdev", "driver=null-co,node-name=disk0,size=1073741824,read-zeroes=on"]
-        name = "qsd-null"
-    else:
-        blockdev = [
+class NullQemuStorageDaemon(QemuStorageDaemon):
+    """qemu-storage-daemon exporting a 1 GiB null-co device that reads zeros (no I/O at all);
+    the image it is started with is not used."""
+
+    name = "qsd-null"
+
+    def command(self, image: Path, socket: Path, options: BlkOptions) -> list[str]:
+        return [
+            str(find_tool("qemu-storage-daemon")),
             "--blockdev",
-            f"driver=file,node-name=file0,filename={image},"
-            f"cache.direct={'on' if direct else 'off'},aio=threads",
-            "--blockdev",
-            "driver=raw,node-name=disk0,file=file0",
-        ]
-        name = "qemu-storage-daemon"
-    proc = subprocess.Popen(
-        [
-            exe,
-            *blockdev,
+            "driver=null-co,node-name=disk0,size=1073741824,read-zeroes=on",
             "--export",
-            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
-            f"writable=on,num-queues={num_queues}",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={socket},"
+            f"writable=on,num-queues={options.num_queues}",
         ]
-    )
-    _wait_for(sock, proc, name)
-    return Backend(name, proc, sock)
+
+
+def start_null(sock: Path) -> RunningBackend:
+    return NullQemuStorageDaemon().start(Path(os.devnull), sock)

@@ -21,10 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from rigs.backends import RunningBackend
 from rigs.qemu import QemuBlk, VhostUserBlk
 from rigs.x86_guest import ensure_guest
 
-from bench.backends import Backend, data_image, start_pyvirtio, start_qsd
+from bench.backends import data_image, start_pyvirtio, start_qsd
 from pyvirtio.bench.loadgen import process_cpu_seconds
 
 #: (name, rw, block size, iodepth)
@@ -83,12 +84,12 @@ def parse_jobs(console: str) -> dict[str, dict[str, float]]:
 
 def run_one(kind: str, image: Path, work: Path, runtime: float) -> dict[str, dict[str, float]]:
     rig = ensure_guest()
-    backend: Backend | None = None
+    backend: RunningBackend | None = None
     if kind == "pyvirtio":
-        backend = start_pyvirtio(image, work / "b.sock", 1)
+        backend = start_pyvirtio(image, work / "b.sock")
         disk: VhostUserBlk | QemuBlk = VhostUserBlk(work / "b.sock", num_queues=1)
     elif kind == "qemu-storage-daemon":
-        backend = start_qsd(image, work / "b.sock", 1)
+        backend = start_qsd(image, work / "b.sock")
         disk = VhostUserBlk(work / "b.sock", num_queues=1)
     else:
         disk = QemuBlk(image, cache="writeback", aio="threads")
@@ -128,7 +129,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pyvirtio-gbench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="pyvirtio-gbench-")  # removed at exit
+    work = Path(scratch.name)
     image = data_image(work / "disk.img", IMAGE_SIZE)
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):

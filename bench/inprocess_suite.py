@@ -108,7 +108,8 @@ def main() -> None:
     if shutil.which("fio") is None:
         raise SystemExit("fio is needed (Debian: fio)")
     args.out.mkdir(parents=True, exist_ok=True)
-    image = data_image(Path(tempfile.mkdtemp(prefix="pyvirtio-ibench-")) / "disk.img", IMAGE_SIZE)
+    scratch = tempfile.TemporaryDirectory(prefix="pyvirtio-ibench-")  # removed at exit
+    image = data_image(Path(scratch.name) / "disk.img", IMAGE_SIZE)
     rows = []
     for bs in SIZES:
         # Best of three for everyone: a ceiling is a maximum, and the host is shared.

@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.backends import Backend, data_image, start_pyvirtio, start_qsd
+from rigs.backends import RunningBackend
+
+from bench.backends import data_image, start_null, start_pyvirtio, start_qsd
 from pyvirtio.bench.loadgen import LoadGenerator, Workload, process_cpu_seconds
 from pyvirtio.device import VirtioDevice
 
@@ -50,7 +52,9 @@ def label(rw: str, bs: int, depth: int) -> str:
     return f"{rw} {size} QD{depth}"
 
 
-def measure(backend: Backend, rw: str, bs: int, depth: int, runtime: float) -> dict[str, float]:
+def measure(
+    backend: RunningBackend, rw: str, bs: int, depth: int, runtime: float
+) -> dict[str, float]:
     gen = LoadGenerator(str(backend.socket), Workload(rw=rw, bs=bs, iodepth=depth, runtime=runtime))
     try:
         cpu0 = process_cpu_seconds(backend.pid)
@@ -80,38 +84,39 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pyvirtio-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="pyvirtio-bench-")  # removed at exit
+    work = Path(scratch.name)
     image = data_image(work / "disk.img", IMAGE_SIZE)
 
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     for rnd in range(args.rounds):
-        backends = [
-            start_pyvirtio(image, work / "pyvirtio.sock", 1),
-            start_qsd(image, work / "qsd.sock", 1),
-            start_pyvirtio(image, work / "threaded.sock", 1, io_threads=IO_THREADS),
-        ]
+        backends = {
+            "pyvirtio": start_pyvirtio(image, work / "pyvirtio.sock"),
+            "qemu-storage-daemon": start_qsd(image, work / "qsd.sock"),
+            THREADED: start_pyvirtio(image, work / "threaded.sock", io_threads=IO_THREADS),
+        }
         try:
             for i, (rw, bs, depth) in enumerate(WORKLOADS):
                 key = label(rw, bs, depth)
-                here = [b for b in backends if b.name != THREADED or bs >= PARALLEL_THRESHOLD]
+                here = [n for n in backends if n != THREADED or bs >= PARALLEL_THRESHOLD]
                 # Alternate who goes first; start each measurement with no dirty page cache
                 # left by the previous one, so that neither pays for the other's writeback.
-                for backend in here if (rnd + i) % 2 == 0 else reversed(here):
+                for name in here if (rnd + i) % 2 == 0 else reversed(here):
                     os.sync()
-                    figures = measure(backend, rw, bs, depth, args.runtime)
-                    runs.setdefault(key, {}).setdefault(backend.name, []).append(figures)
+                    figures = measure(backends[name], rw, bs, depth, args.runtime)
+                    runs.setdefault(key, {}).setdefault(name, []).append(figures)
                     print(
-                        f"round {rnd + 1} {backend.name:20} {key:18} {figures['iops']:9.0f} "
+                        f"round {rnd + 1} {name:20} {key:18} {figures['iops']:9.0f} "
                         f"IOPS {figures['bw_bytes'] / 2**20:8.1f} MiB/s "
                         f"{figures['cpu_us_per_request']:7.1f} us CPU/req",
                         flush=True,
                     )
         finally:
-            for backend in backends:
+            for backend in backends.values():
                 backend.stop()
 
     ceiling = {}
-    null = start_qsd(None, work / "null.sock", 1)
+    null = start_null(work / "null.sock")
     try:
         for rw, bs, depth in (
             ("randread", 4096, 32),

@@ -33,6 +33,9 @@ class BlkOptions:
     logical_block_size: int = 512
     serial: str | None = None  # only for back-ends with Capabilities.serial
     writethrough: bool = False  # every write durable before it completes (pyvirtio only)
+    direct: bool = False  # O_DIRECT on the image
+    queue_size: int | None = None  # pyvirtio's --queue-size (None: its default)
+    io_threads: int = 0  # pyvirtio's --io-threads
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class RunningBackend:
         self.socket = socket
         self.options = options
         self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def running(self) -> bool:
         """Whether the process is still alive."""
@@ -187,8 +194,8 @@ class QemuStorageDaemon(BackendFactory):
         return [
             str(find_tool("qemu-storage-daemon")),
             "--blockdev",
-            f"driver=file,node-name=file0,filename={_qemu_opt(image)},cache.direct=off,"
-            f"discard=unmap{ro}",
+            f"driver=file,node-name=file0,filename={_qemu_opt(image)},"
+            f"cache.direct={'on' if options.direct else 'off'},discard=unmap{ro}",
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0,discard=unmap{ro}",
             "--export",
@@ -215,6 +222,12 @@ class Pyvirtio(BackendFactory):
             cmd += ["--serial", options.serial]
         if options.writethrough:
             cmd.append("--writethrough")
+        if options.direct:
+            cmd.append("--direct")
+        if options.queue_size is not None:
+            cmd += ["--queue-size", str(options.queue_size)]
+        if options.io_threads:
+            cmd += ["--io-threads", str(options.io_threads)]
         return [*cmd, "-v"]
 
     def environment(self) -> dict[str, str]:
