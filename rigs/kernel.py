@@ -27,6 +27,15 @@ GUEST_MODULES = ("virtio_mmio", "virtio_blk", "ext4")
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
+def kconfig_value(config: Path, option: str) -> str | None:
+    """``y``/``m``/the value of ``CONFIG_<option>`` in a Kconfig ``.config`` file, or None."""
+    prefix = f"CONFIG_{option}="
+    for line in config.read_text().splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return None
+
+
 @dataclass(frozen=True)
 class Kernel:
     """An unpacked Debian kernel package in the cache."""
@@ -58,11 +67,7 @@ class Kernel:
 
     def config_value(self, option: str) -> str | None:
         """Return ``y``/``m``/a value for ``CONFIG_<option>``, or None if not set."""
-        prefix = f"CONFIG_{option}="
-        for line in self.config.read_text().splitlines():
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-        return None
+        return kconfig_value(self.config, option)
 
     def module_load_order(self, names: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
         """Module files (relative to :attr:`modules_dir`) to insmod, dependencies first.

@@ -30,13 +30,14 @@ from pathlib import Path
 from rigs import RigError
 from rigs.cache import build_lock
 from rigs.host import find_tool
+from rigs.kernel import kconfig_value
 from rigs.xen import xen_cache_dir
 from rigs.xen.apt import ForeignApt
+from rigs.xen.crossbuild import CROSS_COMPILE, compiler_version, run_logged
 
 SOURCE_PACKAGE = "linux-source-6.1"
 TARBALL = f"./usr/src/{SOURCE_PACKAGE}.tar.xz"
 PATCH = Path(__file__).with_name("grant-dma-dom0.patch")
-CROSS_COMPILE = "aarch64-linux-gnu-"
 BUILD_FORMAT = 1  # bump to rebuild
 JOBS = 2
 GRANT_IMAGE_NAME = "Image-grants"  # its name in dom0's /domu (XenTest.domu_kernels)
@@ -87,35 +88,16 @@ class GrantKernel:
 
     def config_value(self, option: str) -> str | None:
         """``y``/value of ``CONFIG_<option>``, or None."""
-        prefix = f"CONFIG_{option}="
-        for line in self.config.read_text().splitlines():
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-        return None
-
-
-def _compiler_version() -> str:
-    gcc = find_tool(f"{CROSS_COMPILE}gcc")
-    return subprocess.run([str(gcc), "--version"], capture_output=True, text=True).stdout
+        return kconfig_value(self.config, option)
 
 
 def build_key(version: str) -> str:
     """The cache key of a build of source ``version`` with this module's settings."""
     h = hashlib.sha256()
-    for part in (str(BUILD_FORMAT), version, "\n".join(CONFIG), _compiler_version()):
+    for part in (str(BUILD_FORMAT), version, "\n".join(CONFIG), compiler_version()):
         h.update(part.encode() + b"\n")
     h.update(PATCH.read_bytes())
     return h.hexdigest()[:12]
-
-
-def _run(cmd: list[str], cwd: Path, log: Path, what: str) -> None:
-    with log.open("a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RigError(f"{what} failed (log: {log}):\n{tail}")
 
 
 def _unpack_source(deb: Path, dest: Path) -> Path:
@@ -165,17 +147,19 @@ def ensure_grant_kernel(apt: ForeignApt | None = None, into: Path | None = None)
             work = Path(tmp)
             log = work / "build.log"
             src = _unpack_source(deb, work)
-            _run(["patch", "-p1", "--forward", "-i", str(PATCH)], src, log, "patch")
+            run_logged(["patch", "-p1", "--forward", "-i", str(PATCH)], src, log, "patch")
             fragment = work / "fragment.config"
             fragment.write_text("".join(f"CONFIG_{opt}=y\n" for opt in CONFIG))
             make = ["make", "ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
-            _run([*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig")
+            run_logged(
+                [*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig"
+            )
             config = (src / ".config").read_text()
             missing = [o for o in CONFIG if f"CONFIG_{o}=y" not in config.splitlines()]
             if missing:
                 raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
             jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
-            _run(["nice", *make, jobs, "Image"], src, log, "make Image")
+            run_logged(["nice", *make, jobs, "Image"], src, log, "make Image")
             stage = work / "out"
             stage.mkdir()
             shutil.copy2(src / "arch" / "arm64" / "boot" / "Image", stage / "Image")

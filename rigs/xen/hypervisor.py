@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -21,14 +20,15 @@ from pathlib import Path
 
 from rigs import RigError
 from rigs.host import find_tool
+from rigs.kernel import kconfig_value
 from rigs.xen.apt import ForeignApt
+from rigs.xen.crossbuild import CROSS_COMPILE, compiler_version, run_logged
 from rigs.xen.packages import Packages
 
 SOURCE_PACKAGE = "xen"
 CONFIG_PACKAGE = "xen-hypervisor-4.17-arm64"
 CONFIG_FILE = "boot/xen-4.17-arm64.config"
 EXTRA_CONFIG = ("CONFIG_EXPERT=y", "CONFIG_IOREQ_SERVER=y")
-CROSS_COMPILE = "aarch64-linux-gnu-"
 BUILD_FORMAT = 1  # bump to rebuild
 
 
@@ -42,11 +42,7 @@ class Hypervisor:
 
     def config_value(self, option: str) -> str | None:
         """``y``/value of ``CONFIG_<option>`` in the build configuration, or None."""
-        prefix = f"CONFIG_{option}="
-        for line in self.config.read_text().splitlines():
-            if line.startswith(prefix):
-                return line[len(prefix) :]
-        return None
+        return kconfig_value(self.config, option)
 
 
 def source_version(apt: ForeignApt, into: Path) -> tuple[str, list[str], Path]:
@@ -82,18 +78,9 @@ def source_version(apt: ForeignApt, into: Path) -> tuple[str, list[str], Path]:
     raise RigError("no xen source version could be downloaded:\n" + "\n".join(errors))
 
 
-def _compiler_version() -> str:
-    gcc = find_tool(f"{CROSS_COMPILE}gcc")
-    return subprocess.run([str(gcc), "--version"], capture_output=True, text=True).stdout
-
-
 def _make(args: list[str], cwd: Path, log: Path) -> None:
     base = ["make", "-C", "xen", "XEN_TARGET_ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
-    with log.open("a") as out:
-        proc = subprocess.run([*base, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RigError(f"make {' '.join(args)} failed (log: {log}):\n{tail}")
+    run_logged([*base, *args], cwd, log, f"make {' '.join(args)}")
 
 
 def ensure_hypervisor(packages: Packages, version: str, orig: Path, into: Path) -> Hypervisor:
@@ -104,7 +91,7 @@ def ensure_hypervisor(packages: Packages, version: str, orig: Path, into: Path) 
         raise RigError(f"{debian.key} has no /{CONFIG_FILE}")
     config_text = base_config.read_text() + "".join(f"{c}\n" for c in EXTRA_CONFIG)
     digest = hashlib.sha256(
-        f"{BUILD_FORMAT}\n{debian.key}\n{config_text}\n{_compiler_version()}".encode()
+        f"{BUILD_FORMAT}\n{debian.key}\n{config_text}\n{compiler_version()}".encode()
     ).hexdigest()[:12]
     out = into / f"{version}-{digest}"
     built = Hypervisor(version, out / "xen", out / "config")
