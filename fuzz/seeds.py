@@ -7,7 +7,9 @@ import struct
 from pathlib import Path
 
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE
-from pyvirtio.shims.vhost_user.protocol import (
+from pyvirtio.spec.blk import REQ_HEADER
+from pyvirtio.spec.mmio import Reg
+from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
     VringAddr,
@@ -15,8 +17,6 @@ from pyvirtio.shims.vhost_user.protocol import (
     encode,
     encode_u64,
 )
-from pyvirtio.spec.blk import REQ_HEADER
-from pyvirtio.spec.mmio import Reg
 
 HERE = Path(__file__).parent / "seeds"
 QUEUE_SIZE = 16

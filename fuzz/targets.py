@@ -20,12 +20,12 @@ from collections.abc import Callable
 
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
-from pyvirtio.shims.vhost_user.backend import VhostUserBackend
-from pyvirtio.shims.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
+from pyvirtio.shims.vhost_user.session import VhostUserSession
 from pyvirtio.shims.xen.config import ConfigError, parse_disk
 from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.storage.raw import RawImage
+from pyvirtio.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
 from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
 
 logging.disable(logging.CRITICAL)  # guest errors are expected here, by the thousand
@@ -93,7 +93,7 @@ def ring_blk(data: bytes) -> None:
 def vhost_user(data: bytes) -> None:
     image = RawImage(_image_path)
     device = BlkDevice(image, num_queues=2)
-    backend = VhostUserBackend(device)
+    backend = VhostUserSession(device)
     try:
         pos = 0
         while pos + HEADER_SIZE <= len(data):

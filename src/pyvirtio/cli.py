@@ -111,6 +111,15 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
     p.add_argument(
+        "--discard-segments",
+        type=_positive,
+        default=32,
+        metavar="N",
+        help="segments one DISCARD or WRITE_ZEROES request may carry, advertised as "
+        "max_discard_seg and max_write_zeroes_seg; requests with more are answered UNSUPP "
+        "(default 32, at most 32; qemu-storage-daemon has 1)",
+    )
+    p.add_argument(
         "--io-threads",
         type=int,
         default=0,
@@ -296,7 +305,14 @@ def run_blk(args: argparse.Namespace) -> int:
         image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
     except ImageError as exc:
         raise UsageError(str(exc)) from None
-    try:
+    if args.io_threads < 0:
+        image.close()
+        raise UsageError("--io-threads must be 0 or more")
+    executor = (
+        ThreadPoolExecutor(args.io_threads, thread_name_prefix="io") if args.io_threads else None
+    )
+
+    def new_device() -> BlkDevice:
         device = BlkDevice(
             image,
             num_queues=args.num_queues,
@@ -304,19 +320,20 @@ def run_blk(args: argparse.Namespace) -> int:
             logical_block_size=args.logical_block_size,
             serial=args.serial,
             writethrough=args.writethrough,
+            discard_segments=args.discard_segments,
         )
+        if executor is not None:
+            device.use_executor(executor, args.io_threads)
+        return device
+
+    try:
+        first = new_device()  # each front-end gets a fresh one; this checks the options
     except ValueError as exc:
         image.close()
         raise UsageError(str(exc)) from None
-    if device.capacity_bytes == 0:
+    if first.capacity_bytes == 0:
         image.close()
         raise UsageError(f"image {args.image!r} is smaller than one logical block")
-    if args.io_threads < 0:
-        image.close()
-        raise UsageError("--io-threads must be 0 or more")
-    if args.io_threads:
-        device.executor = ThreadPoolExecutor(args.io_threads, thread_name_prefix="io")
-        device.parallel_requests = args.io_threads
 
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
@@ -329,13 +346,13 @@ def run_blk(args: argparse.Namespace) -> int:
                 raise UsageError(f"--fd {args.fd}: {exc.strerror}") from None
             if listener.family != socket.AF_UNIX:
                 raise UsageError(f"--fd {args.fd} is not a UNIX socket")
-            server = VhostUserServer(device, listener)
+            server = VhostUserServer(new_device, listener)
             log.info("serving %s on fd %d", args.image, args.fd)
             server.serve_forever()
         else:
             try:
                 with listening_socket(args.socket_path) as listener:
-                    server = VhostUserServer(device, listener)
+                    server = VhostUserServer(new_device, listener)
                     log.info("serving %s on %s", args.image, args.socket_path)
                     server.serve_forever()
             except SocketError as exc:
@@ -345,10 +362,8 @@ def run_blk(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-            if server.backend is not None:
-                server.backend.close()
-        if device.executor is not None:
-            device.executor.shutdown()
+        if executor is not None:
+            executor.shutdown()
         if not image.read_only:
             try:
                 image.flush()
@@ -387,7 +402,7 @@ def run_xen(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from pyvirtio.bench.loadgen import BenchError, LoadGenerator, Workload, process_cpu_seconds
-    from pyvirtio.shims.vhost_user.frontend import FrontendError
+    from pyvirtio.driver.vhost_user_frontend import FrontendError
 
     workload = Workload(
         rw=args.rw,

@@ -4,9 +4,19 @@
 status and its state machine, a config space with a generation counter, and the virtqueues.
 A concrete device (``pyvirtio.devices``) declares its features and config and handles chains.
 
-Transports and shims drive it: virtio-mmio through :meth:`set_status` and friends, vhost-user by
-setting features and starting queues directly. The device tells its shim about used buffers and
-config changes through the :class:`DeviceEvents` it is attached to; it knows nothing else of it.
+Transports and shims drive a device only through its control API (the public methods below),
+never by writing its fields: virtio-mmio through :meth:`VirtioDevice.set_status`,
+:meth:`VirtioDevice.configure_queue` and friends, vhost-user through
+:meth:`VirtioDevice.negotiate`, :meth:`VirtioDevice.start_queue` and
+:meth:`VirtioDevice.stop_queue`. The device tells its shim about used buffers and config changes
+through the :class:`DeviceEvents` it is attached to, and it has its queues served by a
+:class:`QueueHost` (the threads of ``runner.QueueRunner``, or the caller's thread): before it
+deactivates or remaps a ring it asks the host to stop using it, so no worker ever runs on a ring
+that is gone.
+
+Two locks: ``_control`` serialises control operations (a reset waits for the queues' workers
+while holding it) and is never taken on the data path; ``_state`` guards the status bits and is
+only held for a few instructions, so that a worker can always report a broken ring.
 """
 
 from __future__ import annotations
@@ -14,19 +24,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 from typing import ClassVar, Protocol
 
 from pyvirtio.memory.guest import GuestMemory
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.status import DeviceStatus
-from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue, VirtqueueError
+from pyvirtio.virtqueue.inflight import InflightRegion
+from pyvirtio.virtqueue.split import DescriptorChain, QueueLayout, SplitQueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
 #: Ring features every pyvirtio device implements.
 RING_FEATURES = bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
+#: Status bits a vhost-user front-end implies by negotiating features and starting rings
+#: (vhost-user has no status register).
+_NEGOTIATED = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
 
 
 class DeviceEvents(Protocol):
@@ -39,6 +55,16 @@ class DeviceEvents(Protocol):
         """Configuration change notification (also used to report NEEDS_RESET)."""
 
 
+class QueueHost(Protocol):
+    """Who runs the device's queues: starts serving a queue, and stops before it goes away."""
+
+    def start(self, index: int) -> None:
+        """Queue ``index`` is active: serve it (drain it now and on every notification)."""
+
+    def stop(self, index: int) -> None:
+        """Return once no thread uses queue ``index``; it stays unused until :meth:`start`."""
+
+
 class _Unattached:
     def queue_interrupt(self, queue: int) -> None:
         pass
@@ -47,35 +73,47 @@ class _Unattached:
         pass
 
 
+class _CallerThread:
+    """Queues processed in the thread that notifies (the synchronous in-process shim)."""
+
+    def start(self, index: int) -> None:
+        pass
+
+    def stop(self, index: int) -> None:
+        pass
+
+
 class DeviceError(Exception):
     """A chain the device cannot complete; the device needs a reset."""
+
+
+class FeatureError(Exception):
+    """The driver's feature set cannot be accepted (FEATURES_OK refused)."""
 
 
 class VirtioDevice:
     """Base class of devices. Subclasses set ``device_id`` and implement the hooks below."""
 
     device_id: ClassVar[DeviceId]
-    #: Runs large requests in parallel when a shim sets it (the vhost-user CLI's --io-threads).
-    executor: Executor | None = None
-    #: Requests of at least this many bytes go to the executor...
+    #: Requests of at least this many bytes go to the executor (see :meth:`use_executor`).
     parallel_threshold = 1024 * 1024
-    #: ...at most this many of one queue at a time (the executor's threads); the queue's own
-    #: thread handles the next one meanwhile.
-    parallel_requests = 1
 
     def __init__(self, num_queues: int, queue_size: int) -> None:
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self.queues = [SplitQueue(i, queue_size) for i in range(num_queues)]
-        self.events: DeviceEvents = _Unattached()
-        self.memory: GuestMemory | None = None
-        #: Features offered to the driver; a transport may mask some off (legacy: VERSION_1).
-        self.offered_features = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
-        self.driver_features = 0
-        self.status = DeviceStatus(0)
-        self.config_generation = 0
+        self._events: DeviceEvents = _Unattached()
+        self._host: QueueHost = _CallerThread()
+        self._memory: GuestMemory | None = None
+        self._offered = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
+        self._driver_features = 0
+        self._status = DeviceStatus(0)
+        self._config_generation = 0
         self.broken: str | None = None
-        self._lock = threading.RLock()
+        self._executor: Executor | None = None
+        self._parallel_requests = 1
+        self._control = threading.RLock()
+        self._state = threading.Lock()
 
     # -- hooks for concrete devices ------------------------------------------------------------
 
@@ -101,99 +139,280 @@ class VirtioDevice:
         """
         raise NotImplementedError
 
-    def on_activate(self) -> None:
-        """Called once the driver is ready (DRIVER_OK, or vhost-user's first started queue)."""
+    def on_features(self) -> None:
+        """The driver's features are final: at FEATURES_OK on virtio-mmio, at every
+        SET_FEATURES on vhost-user (before any ring of the device runs)."""
 
     def on_reset(self) -> None:
-        """Called on device reset, after the queues were reset."""
+        """Called on device reset, after the queues were stopped and reset."""
 
     def housekeeping(self) -> None:
         """Called about once a second by a shim: look for host-side changes."""
 
+    # -- what the device is attached to ------------------------------------------------------
+
+    def attach(self, events: DeviceEvents, host: QueueHost | None = None) -> None:
+        """Connect the device to its shim: where interrupts go, and who runs the queues
+        (None: the thread that notifies)."""
+        with self._control:
+            self._events = events
+            self._host = host if host is not None else _CallerThread()
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        return self._memory
+
+    def set_memory(self, memory: GuestMemory | None) -> None:
+        """Guest memory for the rings and buffers. While queues run, only inside
+        :meth:`queues_paused` (their rings are remapped on the way out)."""
+        with self._control:
+            if any(q.active for q in self.queues):
+                raise RuntimeError("guest memory replaced under running queues")
+            self._memory = memory
+
+    def change_offer(self, *, add: int = 0, remove: int = 0) -> None:
+        """Offer more (or fewer) features than the device type does: a transport withholding
+        VERSION_1 (legacy virtio-mmio) or a shim offering ACCESS_PLATFORM. Only before the
+        driver looks at the device."""
+        with self._control:
+            if self._status:
+                raise RuntimeError("features changed while a driver uses the device")
+            self._offered = (self._offered | add) & ~remove
+
+    def use_executor(self, executor: Executor | None, parallel_requests: int = 1) -> None:
+        """Copy requests of at least ``parallel_threshold`` bytes on ``executor``, up to
+        ``parallel_requests`` of one queue at a time, while the queue's own thread goes on."""
+        if parallel_requests < 1:
+            raise ValueError("parallel_requests must be at least 1")
+        with self._control:
+            self._executor = executor
+            self._parallel_requests = parallel_requests
+
     # -- features and status -------------------------------------------------------------------
 
-    def set_driver_features(self, features: int) -> None:
-        if self.status & DeviceStatus.FEATURES_OK:
-            log.warning("driver wrote features after FEATURES_OK; ignored")
-            return
-        self.driver_features = features
+    @property
+    def offered_features(self) -> int:
+        return self._offered
+
+    @property
+    def driver_features(self) -> int:
+        return self._driver_features
+
+    @property
+    def status(self) -> DeviceStatus:
+        return self._status
+
+    @property
+    def config_generation(self) -> int:
+        return self._config_generation
 
     def negotiated(self, feature: int) -> bool:
-        return has(self.driver_features, feature)
+        return has(self._driver_features, feature)
 
-    def features_acceptable(self) -> str | None:
-        """Why the negotiated features cannot be used (§3.1.1 step 5), or None."""
-        extra = self.driver_features & ~self.offered_features
+    def set_driver_features(self, features: int) -> None:
+        """A driver write to the driver features (virtio-mmio); final at FEATURES_OK."""
+        with self._control:
+            if self._status & DeviceStatus.FEATURES_OK:
+                log.warning("driver wrote features after FEATURES_OK; ignored")
+                return
+            self._driver_features = features
+
+    def _features_problem(self, features: int, *, modern: bool) -> str | None:
+        """Why the features cannot be used (§3.1.1 step 5), or None."""
+        extra = features & ~self._offered
         if extra:
             return f"driver accepted features {extra:#x} that were not offered"
-        if has(self.offered_features, Feature.VERSION_1) and not self.negotiated(Feature.VERSION_1):
+        if (
+            modern
+            and has(self._offered, Feature.VERSION_1)
+            and not has(features, Feature.VERSION_1)
+        ):
             return "driver did not accept VERSION_1 on a modern transport"
-        return self.validate_features(self.driver_features)
+        return self.validate_features(features)
+
+    def negotiate(self, features: int) -> None:
+        """The front-end's features (vhost-user SET_FEATURES): checked, then final.
+
+        vhost-user has no status register; accepting the features stands for FEATURES_OK.
+        Raises FeatureError for features that were not offered or that the device refuses.
+        """
+        with self._control:
+            why = self._features_problem(features, modern=False)
+            if why is not None:
+                raise FeatureError(why)
+            self._driver_features = features
+            with self._state:
+                self._status |= _NEGOTIATED
+            self.on_features()
 
     def set_status(self, value: int) -> None:
-        """A driver write to the status field (§2.1, §3.1.1)."""
-        with self._lock:
+        """A driver write to the status field (§2.1, §3.1.1); 0 resets the device."""
+        with self._control:
             if value == 0:
                 self.reset()
                 return
             new = DeviceStatus(value & 0xFF)
-            old = self.status
+            old = self._status
             if old & ~new & ~DeviceStatus.NEEDS_RESET:
                 log.warning("driver cleared status bits %s without a reset", old & ~new)
             if new & DeviceStatus.FEATURES_OK and not old & DeviceStatus.FEATURES_OK:
-                why = self.features_acceptable()
+                why = self._features_problem(self._driver_features, modern=True)
                 if why is not None:
                     log.warning("refusing FEATURES_OK: %s", why)
                     new &= ~DeviceStatus.FEATURES_OK
-            self.status = new | (old & DeviceStatus.NEEDS_RESET)
+                else:
+                    self.on_features()
+            with self._state:
+                self._status = new | (self._status & DeviceStatus.NEEDS_RESET)
             if new & DeviceStatus.DRIVER_OK and not old & DeviceStatus.DRIVER_OK:
                 self._driver_ok()
 
     def _driver_ok(self) -> None:
-        memory = self.memory
-        if memory is None:
+        if self._memory is None:
             self.fail("DRIVER_OK without guest memory")
             return
         for queue in self.queues:
             if queue.ready and not queue.active:
-                try:
-                    self.start_queue(queue.index)
-                except VirtqueueError as exc:
-                    self.fail(str(exc))
-                    return
-        self.on_activate()
-
-    def start_queue(self, index: int, last_avail_idx: int = 0, used_idx: int | None = 0) -> None:
-        """Map queue ``index``'s rings and start using them (raises VirtqueueError)."""
-        assert self.memory is not None
-        self.queues[index].activate(
-            self.memory,
-            event_idx=self.negotiated(Feature.RING_EVENT_IDX),
-            indirect=self.negotiated(Feature.RING_INDIRECT_DESC),
-            last_avail_idx=last_avail_idx,
-            used_idx=used_idx,
-        )
+                self._activate(queue.index)
 
     def reset(self) -> None:
-        """Device reset (§2.1.2, §2.4): back to the state before the driver found it."""
-        with self._lock:
+        """Device reset (§2.1.2, §2.4): back to the state before the driver found it.
+
+        Returns once no worker uses a ring any more: a request in flight completes first (the
+        driver's write of 0 to the status waits for it), and nothing of the old rings is
+        touched afterwards.
+        """
+        with self._control:
             for queue in self.queues:
+                self._host.stop(queue.index)
                 queue.deactivate()
                 queue.reset()
-            self.driver_features = 0
-            self.status = DeviceStatus(0)
-            self.broken = None
+            self._driver_features = 0
+            with self._state:
+                self._status = DeviceStatus(0)
+                self.broken = None
             self.on_reset()
 
     def fail(self, reason: str) -> None:
         """The driver broke a rule we cannot recover from: set NEEDS_RESET and tell it (§2.1.2)."""
-        with self._lock:
+        with self._state:
             if self.broken is None:
                 log.error("device needs reset: %s", reason)
                 self.broken = reason
-            self.status |= DeviceStatus.NEEDS_RESET
-        if self.status & DeviceStatus.DRIVER_OK:
-            self.events.config_interrupt()
+            self._status |= DeviceStatus.NEEDS_RESET
+            live = bool(self._status & DeviceStatus.DRIVER_OK)
+        if live:
+            self._events.config_interrupt()
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def configure_queue(self, index: int, layout: QueueLayout) -> None:
+        """Size and ring addresses of a queue that is not running (raises VirtqueueError)."""
+        with self._control:
+            self.queues[index].configure(layout)
+
+    def attach_inflight(self, index: int, region: InflightRegion | None) -> None:
+        """In-flight tracking for a queue that is not running (vhost-user INFLIGHT_SHMFD)."""
+        with self._control:
+            self.queues[index].attach_inflight(region)
+
+    def enable_queue(self, index: int) -> None:
+        """The driver made the queue ready (QueueReady=1); it runs from DRIVER_OK on."""
+        with self._control:
+            queue = self.queues[index]
+            if queue.ready:
+                return
+            queue.ready = True
+            if self._status & DeviceStatus.DRIVER_OK and self.broken is None:
+                self._activate(index)
+
+    def disable_queue(self, index: int) -> None:
+        """The driver took the queue back (QueueReady=0): its worker stops, then the rings go."""
+        with self._control:
+            self._host.stop(index)
+            queue = self.queues[index]
+            queue.deactivate()
+            queue.ready = False
+
+    def start_queue(
+        self, index: int, layout: QueueLayout, *, last_avail_idx: int, used_idx: int | None
+    ) -> None:
+        """Start a ring where the front-end says it is (vhost-user): configure, map, serve.
+
+        ``used_idx=None`` resumes the used ring where guest memory says it is. vhost-user has
+        no status register: a started ring means the driver is live. Raises VirtqueueError.
+        """
+        with self._control:
+            queue = self.queues[index]
+            if queue.active:
+                raise VirtqueueError(f"queue {index} is already running")
+            if self._memory is None:
+                raise VirtqueueError(f"queue {index}: no guest memory")
+            queue.configure(layout)
+            queue.ready = True
+            with self._state:
+                self._status |= _NEGOTIATED | DeviceStatus.DRIVER_OK
+            self._activate(index, last_avail_idx, used_idx, raise_errors=True)
+
+    def stop_queue(self, index: int) -> int:
+        """Stop a ring (vhost-user GET_VRING_BASE): its worker first, then the rings.
+        Returns where the driver's next available buffer is (``last_avail_idx``)."""
+        with self._control:
+            self._host.stop(index)
+            queue = self.queues[index]
+            last = queue.last_avail_idx
+            queue.deactivate()
+            queue.ready = False
+            return last
+
+    def _activate(
+        self,
+        index: int,
+        last_avail_idx: int = 0,
+        used_idx: int | None = 0,
+        *,
+        raise_errors: bool = False,
+    ) -> None:
+        queue = self.queues[index]
+        assert self._memory is not None
+        try:
+            queue.activate(
+                self._memory,
+                event_idx=self.negotiated(Feature.RING_EVENT_IDX),
+                indirect=self.negotiated(Feature.RING_INDIRECT_DESC),
+                last_avail_idx=last_avail_idx,
+                used_idx=used_idx,
+            )
+        except VirtqueueError as exc:
+            if raise_errors:
+                raise
+            self.fail(str(exc))
+            return
+        self._host.start(index)
+
+    @contextmanager
+    def queues_paused(self) -> Iterator[None]:
+        """Stop every running queue and unmap its rings; on exit map them again and go on.
+
+        Inside, guest memory may change (:meth:`set_memory`, a Xen map cache dropping its
+        mappings) and the queues may be configured anew (:meth:`configure_queue`). Each queue
+        resumes where it stopped; one whose rings no longer map makes the device need a reset.
+        """
+        with self._control:
+            paused: list[tuple[int, int]] = []
+            for queue in self.queues:
+                if queue.active:
+                    self._host.stop(queue.index)
+                    paused.append((queue.index, queue.last_avail_idx))
+                    queue.deactivate()
+            try:
+                yield
+            finally:
+                for index, last in paused:
+                    if self._memory is None:
+                        self.fail(f"queue {index}: guest memory went away")
+                    elif self.queues[index].ready:
+                        self._activate(index, last, None)
 
     # -- config space --------------------------------------------------------------------------
 
@@ -204,19 +423,21 @@ class VirtioDevice:
         return data + bytes(size - len(data))
 
     def write_config(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > len(self.config_bytes()):
-            log.warning("config write outside config space at %#x ignored", offset)
-            return
-        self.write_config_bytes(offset, data)
+        with self._control:
+            if offset < 0 or offset + len(data) > len(self.config_bytes()):
+                log.warning("config write outside config space at %#x ignored", offset)
+                return
+            self.write_config_bytes(offset, data)
 
     def config_changed(self) -> None:
         """The device changed its config: bump the generation (§2.5.1) and interrupt."""
-        with self._lock:
-            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        if self.status & DeviceStatus.DRIVER_OK:
-            self.events.config_interrupt()
+        with self._state:
+            self._config_generation = (self._config_generation + 1) & 0xFFFFFFFF
+            live = bool(self._status & DeviceStatus.DRIVER_OK)
+        if live:
+            self._events.config_interrupt()
 
-    # -- queue processing ----------------------------------------------------------------------
+    # -- queue processing (the data path: workers, never under ``_control``) -------------------
 
     def _complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
         if chain.held:
@@ -232,26 +453,26 @@ class VirtioDevice:
                 chain.head,
             )
 
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int, stop: threading.Event | None = None) -> None:
         """Drain queue ``index``: handle every available chain, then interrupt if asked to.
 
-        With an ``executor``, up to ``parallel_requests`` chains of at least
-        ``parallel_threshold`` bytes run on it while this thread handles the next ones. Each
-        completes as soon as it is done and this thread looks for new chains then, so that the
-        driver can refill the ring while the others run; the call returns once none is left in
-        flight.
+        ``stop`` (the worker's) ends the drain early, after the chain in hand: every chain
+        taken from the ring is completed and published before this returns. With an executor,
+        up to ``parallel_requests`` large chains run on it while this thread handles the next
+        ones; each completes as soon as it is done, and the call returns once none is left.
         """
         queue = self.queues[index]
         if not queue.active or self.broken is not None:
             return
-        executor = self.executor
+        executor = self._executor
         threshold = self.parallel_threshold
-        limit = self.parallel_requests
+        limit = self._parallel_requests
         pending: deque[tuple[DescriptorChain, Future[int]]] = deque()
+        stopping = stop.is_set if stop is not None else lambda: False
         try:
             queue.disable_notifications()
             while True:
-                while (chain := queue.pop()) is not None:
+                while not stopping() and (chain := queue.pop()) is not None:
                     if (
                         executor is not None
                         and len(pending) < limit
@@ -264,17 +485,17 @@ class VirtioDevice:
                         chain, future = pending.popleft()
                         self._complete(queue, chain, future.result())
                 if queue.publish():
-                    self.events.queue_interrupt(index)
+                    self._events.queue_interrupt(index)
                 if pending:
                     chain, future = pending.popleft()
                     self._complete(queue, chain, future.result())
                     continue
-                if not queue.enable_notifications():
+                if stopping() or not queue.enable_notifications():
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:
             for _, future in pending:  # they write guest memory: let them finish first
                 future.exception()
             if queue.publish():
-                self.events.queue_interrupt(index)
+                self._events.queue_interrupt(index)
             self.fail(str(exc))

@@ -31,7 +31,8 @@ def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("rw", ["read", "write", "randread", "randwrite", "randrw"])
 def test_workloads_verify_clean_against_pyvirtio(tmp_path: Path, rw: str) -> None:
-    with serve(tmp_path, num_queues=2) as (path, _):
+    with serve(tmp_path, num_queues=2) as served:
+        path = served.path
         gen = LoadGenerator(
             path,
             Workload(
@@ -50,15 +51,16 @@ def test_workloads_verify_clean_against_pyvirtio(tmp_path: Path, rw: str) -> Non
 
 
 def test_verify_catches_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with serve(tmp_path) as (path, device):
-        original = device.image.readv
+    with serve(tmp_path) as served:
+        path = served.path
+        original = served.image.readv
 
         def corrupting(buffers, offset):  # type: ignore[no-untyped-def]
             original(buffers, offset)
             if offset == 8192:
                 buffers[0][0] ^= 0xFF
 
-        monkeypatch.setattr(device.image, "readv", corrupting)
+        monkeypatch.setattr(served.image, "readv", corrupting)
         gen = LoadGenerator(
             path,
             Workload(rw="write", bs=4096, iodepth=4, runtime=None, size=64 * 1024, verify=True),

@@ -67,8 +67,8 @@ def test_status_write_zero_resets(machine: InProcessMachine) -> None:
 def test_interrupt_status_and_ack(machine: InProcessMachine) -> None:
     levels: list[bool] = []
     machine.transport.interrupt = levels.append
-    machine.device.events.queue_interrupt(0)
-    machine.device.events.config_interrupt()
+    machine.transport.queue_interrupt(0)
+    machine.transport.config_interrupt()
     assert machine.read(Reg.INTERRUPT_STATUS, 4) == Interrupt.VRING | Interrupt.CONFIG
     machine.write(Reg.INTERRUPT_ACK, 4, Interrupt.VRING)
     assert machine.read(Reg.INTERRUPT_STATUS, 4) == Interrupt.CONFIG
@@ -88,10 +88,12 @@ def test_modern_queue_addresses_are_64_bit() -> None:
     machine.write(Reg.QUEUE_SEL, 4, 0)
     machine.write(Reg.QUEUE_DESC_LOW, 4, 0x1234_5000)
     machine.write(Reg.QUEUE_DESC_HIGH, 4, 0x1)
-    assert machine.device.queues[0].desc_addr == 0x1_1234_5000
+    assert machine.read(Reg.QUEUE_DESC_LOW, 4) == 0x1234_5000
     assert machine.read(Reg.QUEUE_DESC_HIGH, 4) == 1
     machine.write(Reg.QUEUE_READY, 4, 1)
+    assert machine.device.queues[0].desc_addr == 0x1_1234_5000  # handed to the device
     machine.write(Reg.QUEUE_DESC_LOW, 4, 0)  # refused while live
+    assert machine.read(Reg.QUEUE_DESC_LOW, 4) == 0x1234_5000
     assert machine.device.queues[0].desc_addr == 0x1_1234_5000
 
 

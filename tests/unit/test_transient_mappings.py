@@ -55,7 +55,7 @@ def test_per_request_mappings_close_before_the_used_index_moves() -> None:
     device = EchoDevice(queue_size=16)
     machine = InProcessMachine(device, memory_size=1 << 20)
     memory = GrantLikeMemory(machine.memory)
-    device.memory = memory
+    device.set_memory(memory)
     drv = machine.driver()
     drv.negotiate(bit(Feature.VERSION_1))
     q = drv.setup_queues(1)[0]

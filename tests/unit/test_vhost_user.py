@@ -19,8 +19,12 @@ import pytest
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserDriver
-from pyvirtio.shims.vhost_user.frontend import FrontendError, VhostUserFrontend
-from pyvirtio.shims.vhost_user.protocol import (
+from pyvirtio.driver.vhost_user_frontend import FrontendError, VhostUserFrontend
+from pyvirtio.shims.vhost_user.server import VhostUserServer, listening_socket
+from pyvirtio.spec.blk import BlkRequestType, BlkStatus
+from pyvirtio.spec.ids import DeviceId
+from pyvirtio.storage.raw import RawImage
+from pyvirtio.vhost_user.protocol import (
     HEADER,
     FrontendReq,
     ProtocolError,
@@ -30,38 +34,50 @@ from pyvirtio.shims.vhost_user.protocol import (
     decode_mem_table,
     encode,
 )
-from pyvirtio.shims.vhost_user.server import VhostUserServer, listening_socket
-from pyvirtio.spec.blk import BlkRequestType, BlkStatus
-from pyvirtio.spec.ids import DeviceId
-from pyvirtio.storage.raw import RawImage
 
 IMAGE = 16 << 20
 
 
+class Served:
+    """A server in a thread: its socket, its image, and the device of the session in progress."""
+
+    def __init__(self, path: str, image: RawImage, server: VhostUserServer) -> None:
+        self.path = path
+        self.image = image
+        self.server = server
+
+    @property
+    def device(self) -> BlkDevice:
+        session = self.server.session
+        assert session is not None, "no session in progress"
+        assert isinstance(session.device, BlkDevice)
+        return session.device
+
+
 @contextmanager
-def serve(tmp_path: Path, **kw: object) -> Iterator[tuple[str, BlkDevice]]:
+def serve(tmp_path: Path, **kw: object) -> Iterator[Served]:
     image_path = tmp_path / "disk.img"
     if not image_path.exists():
         image_path.write_bytes(b"")
         os.truncate(image_path, IMAGE)
     read_only = bool(kw.pop("read_only", False))
-    device = BlkDevice(RawImage(str(image_path), read_only=read_only), **kw)  # type: ignore[arg-type]
+    image = RawImage(str(image_path), read_only=read_only)
     path = str(tmp_path / "vu.sock")
     with listening_socket(path) as listener:
-        server = VhostUserServer(device, listener)
+        server = VhostUserServer(lambda: BlkDevice(image, **kw), listener)  # type: ignore[arg-type]
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield path, device
+            yield Served(path, image, server)
         finally:
             server.stop()
             thread.join(5)
             assert not thread.is_alive()
-            device.image.close()
+            image.close()
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, BlkDevice]]:
+def server(tmp_path: Path) -> Iterator[Served]:
     with serve(tmp_path, num_queues=2, serial="vu-test") as s:
         yield s
 
@@ -90,8 +106,8 @@ def test_header_round_trip_and_checks() -> None:
 # -- sessions ---------------------------------------------------------------------------------
 
 
-def test_io_through_vhost_user(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
+def test_io_through_vhost_user(server: Served) -> None:
+    path = server.path
     transport, drv = connect(path)
     assert drv.config.capacity == IMAGE // 512
     assert len(drv.queues) == 2
@@ -103,36 +119,39 @@ def test_io_through_vhost_user(server: tuple[str, BlkDevice]) -> None:
     transport.close()
 
 
-def test_reconnect_gets_fresh_state(server: tuple[str, BlkDevice]) -> None:
-    path, device = server
+def test_reconnect_gets_fresh_state(server: Served) -> None:
+    path = server.path
     t1, d1 = connect(path)
+    first = server.device
     d1.write(0, b"a" * 4096)
     t1.close()
     t2, d2 = connect(path)
     assert d2.read(0, 4096) == b"a" * 4096
-    assert device.queues[0].used_idx == d2.queues[0].last_used_idx
+    assert server.device is not first
+    assert server.device.queues[0].used_idx == d2.queues[0].last_used_idx
     t2.close()
 
 
-def test_get_vring_base_stops_and_set_vring_base_resumes(server: tuple[str, BlkDevice]) -> None:
-    path, device = server
+def test_get_vring_base_stops_and_set_vring_base_resumes(server: Served) -> None:
+    path = server.path
     transport, drv = connect(path)
     for i in range(5):
         drv.write(i, b"x" * 512)
     assert transport.stop() == [5, 0]
-    assert not device.queues[0].active
+    assert not server.device.queues[0].active
     transport.close()
 
 
 def test_resize_sends_config_change(tmp_path: Path) -> None:
-    with serve(tmp_path) as (path, device):
+    with serve(tmp_path) as served:
         transport, drv = connect(
-            path, protocol_features=(1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.REPLY_ACK)
+            served.path,
+            protocol_features=(1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.REPLY_ACK),
         )
         channel = transport.frontend.set_backend_req_fd()
         channel.settimeout(5)
         os.truncate(tmp_path / "disk.img", IMAGE * 2)
-        assert device.refresh_capacity()
+        assert served.device.refresh_capacity()
         header = channel.recv(12)
         assert decode_header(header)[0] == 2  # CONFIG_CHANGE_MSG
         assert drv.capacity == IMAGE * 2 // 512
@@ -140,8 +159,8 @@ def test_resize_sends_config_change(tmp_path: Path) -> None:
 
 
 def test_read_only_device(tmp_path: Path) -> None:
-    with serve(tmp_path, read_only=True) as (path, _):
-        transport, drv = connect(path)
+    with serve(tmp_path, read_only=True) as served:
+        transport, drv = connect(served.path)
         req = drv.request(BlkRequestType.OUT, 0, data_out=b"x" * 512)
         assert req.status == BlkStatus.IOERR
         transport.close()
@@ -157,8 +176,8 @@ def raw_connect(path: str) -> socket.socket:
     return s
 
 
-def test_failed_request_with_need_reply_gets_error_ack(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
+def test_failed_request_with_need_reply_gets_error_ack(server: Served) -> None:
+    path = server.path
     with VhostUserFrontend(path) as fe:
         fe.negotiate_protocol(1 << ProtocolFeature.REPLY_ACK)
         with pytest.raises(FrontendError, match="failure"):
@@ -181,10 +200,8 @@ def test_failed_request_with_need_reply_gets_error_ack(server: tuple[str, BlkDev
         HEADER.pack(FrontendReq.GET_VRING_BASE, 0x1, 8) + VringState(50, 0).encode(),
     ],
 )
-def test_malformed_messages_close_the_connection(
-    server: tuple[str, BlkDevice], data: bytes
-) -> None:
-    path, _ = server
+def test_malformed_messages_close_the_connection(server: Served, data: bytes) -> None:
+    path = server.path
     s = raw_connect(path)
     s.sendall(data)
     assert s.recv(64) == b""  # closed, no crash
@@ -194,8 +211,8 @@ def test_malformed_messages_close_the_connection(
     transport.close()
 
 
-def test_truncated_message_and_disconnect(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
+def test_truncated_message_and_disconnect(server: Served) -> None:
+    path = server.path
     s = raw_connect(path)
     s.sendall(HEADER.pack(FrontendReq.SET_FEATURES, 0x1, 8) + b"\0\0")
     s.close()
@@ -204,8 +221,8 @@ def test_truncated_message_and_disconnect(server: tuple[str, BlkDevice]) -> None
     transport.close()
 
 
-def test_fds_on_messages_that_take_none_are_closed(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
+def test_fds_on_messages_that_take_none_are_closed(server: Served) -> None:
+    path = server.path
     s = raw_connect(path)
     r, w = os.pipe()
     s.sendmsg(
@@ -223,14 +240,14 @@ def test_fds_on_messages_that_take_none_are_closed(server: tuple[str, BlkDevice]
     os.close(w)
 
 
-def test_socket_is_private(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
+def test_socket_is_private(server: Served) -> None:
+    path = server.path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
-def test_mem_table_with_bad_region_is_refused(server: tuple[str, BlkDevice]) -> None:
-    path, _ = server
-    from pyvirtio.shims.vhost_user.protocol import MemoryRegionDesc
+def test_mem_table_with_bad_region_is_refused(server: Served) -> None:
+    path = server.path
+    from pyvirtio.vhost_user.protocol import MemoryRegionDesc
 
     with VhostUserFrontend(path) as fe:
         fe.negotiate_protocol(1 << ProtocolFeature.REPLY_ACK)
@@ -401,17 +418,17 @@ def test_backend_killed_mid_io_loses_nothing(tmp_path: Path) -> None:
 def test_stuck_storage_does_not_block_the_control_plane(tmp_path: Path) -> None:
     """A request stuck in the storage (say, a hung NFS server) holds its queue's thread only:
     the socket keeps answering, and other queues keep serving."""
-    with serve(tmp_path, num_queues=2) as (path, device):
+    with serve(tmp_path, num_queues=2) as served:
         release = threading.Event()
-        original = device.image.readv
+        original = served.image.readv
 
         def stuck_on_sector_8(buffers, offset):  # type: ignore[no-untyped-def]
             if offset == 8 * 512:
                 release.wait(30)
             original(buffers, offset)
 
-        device.image.readv = stuck_on_sector_8  # type: ignore[method-assign]
-        transport, drv = connect(path)
+        served.image.readv = stuck_on_sector_8  # type: ignore[method-assign]
+        transport, drv = connect(served.path)
         stuck = drv.submit(BlkRequestType.IN, 8, in_len=512, queue=0)
         time.sleep(0.2)
         assert not stuck.done

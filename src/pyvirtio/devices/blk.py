@@ -10,9 +10,9 @@ device need a reset, since the spec gives no other way to fail them.
 from __future__ import annotations
 
 import logging
-import time
 
 from pyvirtio.device import DeviceError, VirtioDevice
+from pyvirtio.guest_log import GuestErrorLog
 from pyvirtio.memory.guest import GuestMemoryError
 from pyvirtio.spec.blk import (
     BARRIER_FLAG,
@@ -30,7 +30,7 @@ from pyvirtio.spec.blk import (
 )
 from pyvirtio.spec.features import bit
 from pyvirtio.spec.ids import DeviceId
-from pyvirtio.spec.ring import DescFlag
+from pyvirtio.spec.ring import MAX_QUEUE_SIZE, DescFlag
 from pyvirtio.storage.raw import RawImage
 from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _T_IN = BlkRequestType.IN.value
 _T_OUT = BlkRequestType.OUT.value
 _T_FLUSH = BlkRequestType.FLUSH.value
-_T_FLUSH_OUT = 5  # legacy synonym of FLUSH (§5.2.6.4)
+_T_FLUSH_OUT = BlkRequestType.FLUSH_OUT.value
 _T_GET_ID = BlkRequestType.GET_ID.value
 _T_DISCARD = BlkRequestType.DISCARD.value
 _T_WRITE_ZEROES = BlkRequestType.WRITE_ZEROES.value
@@ -49,35 +49,14 @@ _S_UNSUPP = BlkStatus.UNSUPP.value
 _HEADER_SIZE = REQ_HEADER.size
 _WRITE_TYPES = frozenset({_T_OUT, _T_DISCARD, _T_WRITE_ZEROES, BlkRequestType.SECURE_ERASE.value})
 
-#: Limits advertised for discard and write-zeroes (per segment, and segments per request).
+#: Limits advertised for discard and write-zeroes: sectors per segment, and (by default)
+#: segments per request.
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
 #: Largest single data segment the driver may use (SIZE_MAX).
 SIZE_MAX = 1 << 20
 #: Rings of up to this many descriptors are accepted whatever the configured queue size.
 RING_SIZE_ACCEPTED = 1024
-MAX_RING_SIZE = 32768
-
-
-class _RateLimitedLog:
-    """At most one log line per ``interval`` seconds for guest-triggered errors."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self.last = 0.0
-        self.suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, self.suppressed)
-        self.last = now
-        self.suppressed = 0
-        log.warning(msg, *args)
 
 
 class BlkDevice(VirtioDevice):
@@ -94,7 +73,10 @@ class BlkDevice(VirtioDevice):
         logical_block_size: int | None = None,
         serial: str = "",
         writethrough: bool = False,
+        discard_segments: int = MAX_DISCARD_SEG,
     ) -> None:
+        """``discard_segments``: segments one DISCARD or WRITE_ZEROES may carry (advertised
+        as max_discard_seg and max_write_zeroes_seg; more are answered UNSUPP)."""
         lbs = logical_block_size or image.logical_block_size
         if lbs < SECTOR_SIZE or lbs & (lbs - 1) or lbs > 65536:
             raise ValueError(f"logical block size {lbs} is not a power of two in 512..65536")
@@ -104,8 +86,10 @@ class BlkDevice(VirtioDevice):
             )
         if queue_size < 4:
             raise ValueError("virtio-blk needs queues of at least 4 descriptors")
-        if queue_size & (queue_size - 1) or queue_size > MAX_RING_SIZE:
+        if queue_size & (queue_size - 1) or queue_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue size {queue_size} is not a power of two up to 32768")
+        if not 1 <= discard_segments <= MAX_DISCARD_SEG:
+            raise ValueError(f"discard segments must be 1..{MAX_DISCARD_SEG}")
         serial_bytes = serial.encode()
         if len(serial_bytes) > ID_BYTES:
             raise ValueError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
@@ -114,11 +98,12 @@ class BlkDevice(VirtioDevice):
         self.logical_block_size = lbs
         self.serial = serial_bytes
         self.num_queues = num_queues
+        self.discard_segments = discard_segments
         self.queue_size = queue_size
         self._default_writeback = 0 if writethrough else 1
         self._writeback = self._default_writeback
         self._dsync = writethrough
-        self._errors = _RateLimitedLog()
+        self._errors = GuestErrorLog(log)
         self.capacity_bytes = self._usable_size(image.size)
         # seg_max derives from the ring size the VMM is configured with; rings up to
         # RING_SIZE_ACCEPTED are accepted anyway (QEMU's virtio-mmio devices always use 1024).
@@ -161,10 +146,10 @@ class BlkDevice(VirtioDevice):
             writeback=self._writeback,
             num_queues=self.num_queues,
             max_discard_sectors=MAX_DISCARD_SECTORS,
-            max_discard_seg=MAX_DISCARD_SEG,
+            max_discard_seg=self.discard_segments,
             discard_sector_alignment=lbs_sectors,
             max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
-            max_write_zeroes_seg=MAX_DISCARD_SEG,
+            max_write_zeroes_seg=self.discard_segments,
             write_zeroes_may_unmap=1,
         ).pack()
 
@@ -193,7 +178,7 @@ class BlkDevice(VirtioDevice):
         else:
             self._dsync = not self.negotiated(BlkFeature.FLUSH)
 
-    def on_activate(self) -> None:
+    def on_features(self) -> None:
         self._update_cache_mode()
 
     def on_reset(self) -> None:
@@ -233,18 +218,8 @@ class BlkDevice(VirtioDevice):
         else:
             status = last[-1:]
             data_in = [*writable[:-1], last[:-1]]
-        readable = chain.readable
-        first = readable[0] if readable else None
-        if first is not None and len(first) >= _HEADER_SIZE:
-            req_type, _, sector = REQ_HEADER.unpack_from(first)
-            data_out = readable[1:]
-            if len(first) > _HEADER_SIZE:
-                data_out.insert(0, first[_HEADER_SIZE:])
-        elif chain.read_len >= _HEADER_SIZE:
-            joined = memoryview(b"".join(readable))
-            req_type, _, sector = REQ_HEADER.unpack_from(joined)
-            data_out = [joined[_HEADER_SIZE:]]
-        else:
+        header = _take_header(chain.readable, chain.read_len)
+        if header is None:
             self._errors.warning(
                 "queue %d head %d: request header is %d bytes, not 16",
                 queue.index,
@@ -253,6 +228,7 @@ class BlkDevice(VirtioDevice):
             )
             status[0] = _S_IOERR
             return chain.write_len
+        (req_type, _, sector), data_out = header
         try:
             status[0] = self._execute(
                 req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1
@@ -332,10 +308,13 @@ class BlkDevice(VirtioDevice):
         feature = BlkFeature.DISCARD if req_type == _T_DISCARD else BlkFeature.WRITE_ZEROES
         if not self.negotiated(feature):
             return _S_UNSUPP
-        payload = b"".join(data_out)
-        count, rest = divmod(len(payload), DISCARD_SEGMENT.size)
-        if rest or not 0 < count <= MAX_DISCARD_SEG:
+        # Count before copying: the payload is at most discard_segments * 16 bytes to copy.
+        count, rest = divmod(sum(len(v) for v in data_out), DISCARD_SEGMENT.size)
+        if rest or count == 0:
             return _S_IOERR
+        if count > self.discard_segments:
+            return _S_UNSUPP  # beyond the advertised max_*_seg, as QEMU answers
+        payload = b"".join(data_out)
         segments = [
             DISCARD_SEGMENT.unpack_from(payload, i * DISCARD_SEGMENT.size) for i in range(count)
         ]
@@ -347,6 +326,8 @@ class BlkDevice(VirtioDevice):
             if num_sectors > MAX_DISCARD_SECTORS or self._range_bad(sector, num_sectors << 9):
                 return _S_IOERR
         for sector, num_sectors, flags in segments:
+            if num_sectors == 0:
+                continue  # nothing to do, and fallocate() refuses empty ranges
             offset, length = sector << SECTOR_SHIFT, num_sectors << SECTOR_SHIFT
             if req_type == _T_DISCARD:
                 self.image.discard(offset, length)
@@ -355,3 +336,30 @@ class BlkDevice(VirtioDevice):
                     offset, length, unmap=bool(flags & WRITE_ZEROES_FLAG_UNMAP), dsync=self._dsync
                 )
         return _S_OK
+
+
+def _take_header(
+    readable: list[memoryview], read_len: int
+) -> tuple[tuple[int, int, int], list[memoryview]] | None:
+    """The request header (type, ioprio, sector) and the views after it; None if the
+    readable part is shorter than a header. Copies the 16 header bytes and nothing else,
+    however the guest split them across descriptors."""
+    if read_len < _HEADER_SIZE:
+        return None
+    first = readable[0]
+    if len(first) >= _HEADER_SIZE:
+        rest = readable[1:]
+        if len(first) > _HEADER_SIZE:
+            rest.insert(0, first[_HEADER_SIZE:])
+        return REQ_HEADER.unpack_from(first), rest
+    header = bytearray()
+    for i, view in enumerate(readable):
+        need = _HEADER_SIZE - len(header)
+        if len(view) >= need:
+            header += view[:need]
+            rest = readable[i + 1 :]
+            if len(view) > need:
+                rest.insert(0, view[need:])
+            return REQ_HEADER.unpack(header), rest
+        header += view
+    return None  # the views fell short of read_len (a fault): no header

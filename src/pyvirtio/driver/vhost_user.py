@@ -13,10 +13,11 @@ import select
 import time
 from collections.abc import Sequence
 
+from pyvirtio.driver.vhost_user_frontend import FrontendError, VhostUserFrontend
 from pyvirtio.driver.virtqueue import DriverQueue, GuestAllocator
 from pyvirtio.memory.guest import GuestMemory, MemoryRegion
-from pyvirtio.shims.vhost_user.frontend import FrontendError, VhostUserFrontend
-from pyvirtio.shims.vhost_user.protocol import (
+from pyvirtio.spec.features import Feature, bit, has
+from pyvirtio.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     FrontendReq,
     InflightDesc,
@@ -24,7 +25,6 @@ from pyvirtio.shims.vhost_user.protocol import (
     ProtocolFeature,
     VringAddr,
 )
-from pyvirtio.spec.features import Feature, bit, has
 
 #: Protocol features this front-end can use.
 FRONTEND_PROTOCOL_FEATURES = (

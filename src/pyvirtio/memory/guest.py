@@ -13,6 +13,7 @@ and :meth:`GuestMemory.ring`; devices and virtqueues see no difference.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -82,9 +83,17 @@ class MemoryRegion:
 
     @classmethod
     def memfd(cls, gpa: int, size: int, name: str = "guest-ram") -> tuple[MemoryRegion, int]:
-        """A region on a fresh memfd that can be passed to another process: (region, fd)."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        """A region on a fresh memfd that can be passed to another process: (region, fd).
+
+        Sealed against growing and shrinking, as QEMU's memory-backend-memfd is: the process
+        it goes to can map it without fearing that it shrinks under the mapping."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls.from_fd(gpa, size, fd, 0, f"memfd {name}"), fd
 
     def close(self) -> None:
@@ -96,6 +105,11 @@ class MemoryRegion:
 
 class GuestMemory:
     """The guest-physical address space: a sorted set of non-overlapping regions."""
+
+    #: Most bytes one request may have mapped through :meth:`buffers` at once. Memory that
+    #: maps on demand into a bounded cache lowers it so that one request cannot blow the bound;
+    #: memory mapped for good costs nothing per request (a chain is at most 4 GiB anyway).
+    max_mapped_per_request = 1 << 32
 
     def __init__(self, regions: Iterable[MemoryRegion] = ()) -> None:
         self._regions: list[MemoryRegion] = []

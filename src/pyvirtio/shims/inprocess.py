@@ -3,8 +3,9 @@
 It is the smallest hypervisor there is: it owns the guest memory, forwards register accesses to
 the transport, and turns interrupts into events a driver in the same process can wait on. Queue
 notifications are processed either right away in the caller's thread (``threaded=False``,
-deterministic, for tests and fuzzing) or by one worker thread per queue (``threaded=True``, the
-way the vhost-user and Xen shims run, for benchmarks).
+deterministic, for tests and fuzzing) or by a :class:`~pyvirtio.runner.QueueRunner` with a
+worker thread per queue (``threaded=True``, the way the vhost-user and Xen shims run, for
+benchmarks and for tests of what threads do).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pyvirtio.device import VirtioDevice
 from pyvirtio.driver.mmio import MmioDriver
 from pyvirtio.driver.virtqueue import GuestAllocator
 from pyvirtio.memory.guest import GuestMemory, MemoryRegion
-from pyvirtio.shims.worker import QueueWorker
+from pyvirtio.runner import QueueRunner
 from pyvirtio.transport.mmio import MmioTransport
 
 #: Where guest RAM starts, as on Arm's virt machine and Xen's GUEST_RAM0_BASE.
@@ -35,32 +36,31 @@ class InProcessMachine:
         regions: Sequence[tuple[int, int]] | None = None,
         legacy: bool = False,
         threaded: bool = False,
+        memory: GuestMemory | None = None,
     ) -> None:
+        """``memory`` is what the device sees, if not the machine's RAM itself (a test's
+        stand-in for Xen's mappings of the same RAM, made from :attr:`ram_fds`)."""
         layout = regions or [(GUEST_RAM_BASE, memory_size)]
-        self.memory = GuestMemory(MemoryRegion.anonymous(gpa, size) for gpa, size in layout)
+        made = [MemoryRegion.memfd(gpa, size) for gpa, size in layout]
+        self.memory = GuestMemory(region for region, _ in made)
+        #: The memfd of each RAM region, in ``regions`` order.
+        self.ram_fds = [fd for _, fd in made]
         self.device = device
-        device.memory = self.memory
-        self._workers: list[QueueWorker] = []
-        self._kick_fds: list[int] = []
-        notify = None
-        if threaded:
-            self._kick_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in device.queues]
-            self._workers = [QueueWorker(device, i, fd) for i, fd in enumerate(self._kick_fds)]
-            for worker in self._workers:
-                worker.start()
-            notify = self._kick
+        device.set_memory(memory if memory is not None else self.memory)
+        self.runner = QueueRunner(device, own_kick_eventfds=True) if threaded else None
         self._irq_event = threading.Event()
         self.interrupts = 0
         self.transport = MmioTransport(
-            device, legacy=legacy, interrupt=self._interrupt, notify=notify
+            device,
+            legacy=legacy,
+            interrupt=self._interrupt,
+            notify=self.runner.notify if self.runner is not None else None,
+            host=self.runner,
         )
         self.threaded = threaded
         # The driver allocates from the first region, like a guest kernel from its RAM.
         gpa, size = layout[0]
         self.allocator = GuestAllocator(gpa, size)
-
-    def _kick(self, index: int) -> None:
-        os.eventfd_write(self._kick_fds[index], 1)
 
     def _interrupt(self, level: bool) -> None:
         if level:
@@ -84,12 +84,13 @@ class InProcessMachine:
         return MmioDriver(self, self.memory, self.allocator)
 
     def close(self) -> None:
-        for worker in self._workers:
-            worker.stop()
-        for fd in self._kick_fds:
-            os.close(fd)
-        self._workers, self._kick_fds = [], []
         self.device.reset()
+        if self.runner is not None:
+            self.runner.close()
+        self.device.set_memory(None)
+        for fd in self.ram_fds:
+            os.close(fd)
+        self.ram_fds = []
 
     def __enter__(self) -> InProcessMachine:
         return self

@@ -34,6 +34,8 @@ class BlkRequestType(IntEnum):
     IN = 0
     OUT = 1
     FLUSH = 4
+    #: Legacy synonym of FLUSH that some old drivers send (§5.2.6.4).
+    FLUSH_OUT = 5
     GET_ID = 8
     GET_LIFETIME = 10
     DISCARD = 11

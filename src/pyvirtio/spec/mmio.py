@@ -9,6 +9,10 @@ VERSION_MODERN = 2
 #: Size of one virtio-mmio window as libxl and QEMU allocate it.
 WINDOW_SIZE = 0x200
 CONFIG_OFFSET = 0x100
+#: Legacy interface (§4.2.4): QueueAlign and GuestPageSize when the driver wrote none; Linux's
+#: virtio_mmio uses the page size for both.
+LEGACY_DEFAULT_QUEUE_ALIGN = 4096
+LEGACY_DEFAULT_PAGE_SIZE = 4096
 
 
 class Reg(IntEnum):

@@ -40,7 +40,9 @@ _fallocate.restype = ctypes.c_int
 
 #: Largest write of zeros issued at once when fallocate cannot zero a range.
 _ZERO_CHUNK = 1 << 20
-_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.ENODEV)
+#: fallocate() errors that mean "this file system cannot", for good. EINVAL is not one of
+#: them: it refuses one range (an empty one, say), not the operation.
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY, errno.ENODEV)
 
 
 class ImageError(Exception):

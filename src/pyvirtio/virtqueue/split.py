@@ -68,6 +68,16 @@ class DescriptorChain:
         return ok
 
 
+@dataclass(frozen=True, slots=True)
+class QueueLayout:
+    """Where the driver put a queue: its size and the guest addresses of its three areas."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+
 class SplitQueue:
     """One virtqueue, device side."""
 
@@ -86,6 +96,7 @@ class SplitQueue:
         self.desc_addr = 0
         self.avail_addr = 0
         self.used_addr = 0
+        #: The driver made the queue ready (QueueReady, or a started vhost-user ring).
         self.ready = False
         self.event_idx = False
         self.indirect = False
@@ -100,6 +111,30 @@ class SplitQueue:
         self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
         self._used32: memoryview | None = None  # le32 view: flags|idx, (id, len) * size, ...
         self._resubmit: list[int] = []
+
+    def configure(self, layout: QueueLayout) -> None:
+        """Size and ring addresses, from the driver; raises VirtqueueError for a size the
+        queue cannot take. Alignment is checked when the rings are mapped."""
+        if self.active:
+            raise VirtqueueError(f"queue {self.index}: reconfigured while running")
+        size = layout.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            raise VirtqueueError(
+                f"queue {self.index}: size {size} is not a power of two up to {self.max_size}"
+            )
+        self.size = size
+        self.desc_addr = layout.desc
+        self.avail_addr = layout.avail
+        self.used_addr = layout.used
+
+    def attach_inflight(self, region: InflightRegion | None) -> None:
+        """In-flight tracking (vhost-user INFLIGHT_SHMFD) for a queue that is not running;
+        the previous region, if any, is released."""
+        if self.active:
+            raise VirtqueueError(f"queue {self.index}: in-flight area changed while running")
+        if self.inflight is not None:
+            self.inflight.release()
+        self.inflight = region
 
     @property
     def active(self) -> bool:
@@ -175,10 +210,16 @@ class SplitQueue:
     # -- available ring ------------------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        """The driver's avail->idx, read with acquire ordering (§2.7.13.3)."""
+        """The driver's avail->idx, read with acquire ordering (§2.7.13.3), and checked: a
+        driver never has more than the queue size buffers outstanding."""
         assert self._avail is not None
-        idx = self._avail[1]
+        idx: int = self._avail[1]
         acquire_fence()
+        if (idx - self.last_avail_idx) & 0xFFFF > self.size:
+            raise VirtqueueError(
+                f"queue {self.index}: avail idx {idx} is more than {self.size} ahead of "
+                f"{self.last_avail_idx}"
+            )
         return idx
 
     def has_available(self) -> bool:
@@ -199,11 +240,6 @@ class SplitQueue:
             self._shadow_avail_idx = self.avail_idx()
             if self._shadow_avail_idx == last:
                 return None
-            if (self._shadow_avail_idx - last) & 0xFFFF > self.size:
-                raise VirtqueueError(
-                    f"queue {self.index}: avail idx {self._shadow_avail_idx} is more than "
-                    f"{self.size} ahead of {last}"
-                )
         head = avail[2 + (last & (self.size - 1))]
         self.last_avail_idx = (last + 1) & 0xFFFF
         if self.inflight is not None and head < self.size:
@@ -223,6 +259,8 @@ class SplitQueue:
         readable = chain.readable
         writable = chain.writable
         read_len = write_len = 0
+        mapped = 0  # bytes mapped on demand (outside ``flat``), bounded by the memory
+        budget = memory.max_mapped_per_request
         i = head
         limit = size  # §2.7.5.3.1: a chain is no longer than the queue (or its indirect table)
         in_indirect = False
@@ -264,12 +302,20 @@ class SplitQueue:
                             readable.append(buf.toreadonly())
                         break
                 else:
-                    try:
-                        views = memory.buffers(addr, length, bool(flags & _WRITE), chain.held)
-                    except GuestMemoryError as exc:
-                        chain.fault = str(exc)
+                    mapped += length
+                    if chain.fault is not None:
+                        pass  # map nothing more for a request that fails anyway
+                    elif mapped > budget:
+                        chain.fault = (
+                            f"request maps more than {budget} bytes (the guest memory's bound)"
+                        )
                     else:
-                        (writable if flags & _WRITE else readable).extend(views)
+                        try:
+                            views = memory.buffers(addr, length, bool(flags & _WRITE), chain.held)
+                        except GuestMemoryError as exc:
+                            chain.fault = str(exc)
+                        else:
+                            (writable if flags & _WRITE else readable).extend(views)
             if not flags & _NEXT:
                 break
             if nxt >= size:

@@ -20,7 +20,7 @@ import select
 from dataclasses import dataclass, field
 
 from pyvirtio.devices.blk import BlkDevice
-from pyvirtio.shims.worker import QueueWorker
+from pyvirtio.runner import QueueRunner
 from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
 from pyvirtio.shims.xen.gntdev import Gntdev
 from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
@@ -56,8 +56,7 @@ class Disk:
     image: RawImage
     device: BlkDevice
     transport: MmioTransport
-    kick_fds: list[int] = field(default_factory=list)
-    workers: list[QueueWorker] = field(default_factory=list)
+    runner: QueueRunner
     state: XenbusState = XenbusState.INITIALISING
 
 
@@ -69,6 +68,15 @@ class Guest:
     server: GuestServer
     gntdev: Gntdev | None = None
     disks: dict[int, Disk] = field(default_factory=dict)
+
+    def invalidate(self) -> None:
+        """IOREQ_TYPE_INVALIDATE: the guest's memory map changed. Every disk's queues stop
+        (their workers finish the request in hand) and let go of their rings, the cached
+        mappings go, and the queues map their rings again and go on."""
+        with contextlib.ExitStack() as paused:
+            for disk in list(self.disks.values()):
+                paused.enter_context(disk.device.queues_paused())
+            self.memory.invalidate()
 
 
 class _Window:
@@ -84,10 +92,6 @@ class _Window:
         self.transport.write(offset, size, value)
         if offset == Reg.STATUS:
             self.daemon.post(self.key)
-
-
-def _kick(kick_fds: list[int], index: int) -> None:
-    os.eventfd_write(kick_fds[index], 1)
 
 
 class XenBackendDaemon:
@@ -251,7 +255,9 @@ class XenBackendDaemon:
                 static=self.options.static_mapping,
                 gntdev=gntdev,
             )
-            server = GuestServer(domid, self.dm, self.fmem, on_invalidate=memory.invalidate)
+            server = GuestServer(
+                domid, self.dm, self.fmem, on_invalidate=functools.partial(self._invalidate, domid)
+            )
         except BaseException:
             privcmd.close()
             if gntdev is not None:
@@ -260,6 +266,11 @@ class XenBackendDaemon:
         guest = Guest(domid, privcmd, memory, server, gntdev)
         self.guests[domid] = guest
         return guest
+
+    def _invalidate(self, domid: int) -> None:
+        guest = self.guests.get(domid)
+        if guest is not None:
+            guest.invalidate()
 
     def add_disk(self, config: DiskConfig, path: str) -> None:
         opts = self.options
@@ -272,20 +283,18 @@ class XenBackendDaemon:
                 queue_size=opts.queue_size,
                 serial=f"xen-{config.frontend_id}-{config.devid}",
             )
-            device.memory = guest.memory
+            device.set_memory(guest.memory)
             # Guests that restrict their backends to grants require ACCESS_PLATFORM; with it
             # negotiated, addresses are grant references or plain guest-physical ones.
-            device.offered_features |= bit(Feature.ACCESS_PLATFORM)
-            kick_fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(opts.num_queues)]
+            device.change_offer(add=bit(Feature.ACCESS_PLATFORM))
+            runner = QueueRunner(device, own_kick_eventfds=True)
             transport = MmioTransport(
                 device,
                 interrupt=functools.partial(self._irq, config.frontend_id, config.irq),
-                notify=functools.partial(_kick, kick_fds),
+                notify=runner.notify,
+                host=runner,
             )
-            disk = Disk(config, path, image, device, transport, kick_fds)
-            disk.workers = [QueueWorker(device, i, fd) for i, fd in enumerate(kick_fds)]
-            for worker in disk.workers:
-                worker.start()
+            disk = Disk(config, path, image, device, transport, runner)
             guest.disks[config.devid] = disk
             guest.server.add_window(
                 config.base,
@@ -324,11 +333,9 @@ class XenBackendDaemon:
             return
         disk = guest.disks.pop(devid)
         guest.server.remove_window(disk.config.base, WINDOW_SIZE)
-        for worker in disk.workers:
-            worker.stop()
-        for fd in disk.kick_fds:
-            os.close(fd)
         disk.device.reset()
+        disk.runner.close()
+        disk.device.set_memory(None)
         with contextlib.suppress(OSError):
             if not disk.image.read_only:
                 disk.image.flush()

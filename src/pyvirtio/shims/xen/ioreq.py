@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+from pyvirtio.guest_log import GuestErrorLog
+
 log = logging.getLogger(__name__)
 
 #: ``struct ioreq``: addr, data, count, size, vp_eport, _pad0, state|flags, type.
@@ -97,7 +99,7 @@ class IoreqDispatcher:
     def __init__(self, on_invalidate: Callable[[], None] | None = None) -> None:
         self.windows: list[Window] = []
         self.on_invalidate = on_invalidate
-        self._warned: set[str] = set()
+        self._guest_errors = GuestErrorLog(log)
 
     def add(self, base: int, size: int, device: MmioDevice) -> None:
         for w in self.windows:
@@ -108,11 +110,6 @@ class IoreqDispatcher:
     def remove(self, base: int) -> None:
         self.windows = [w for w in self.windows if w.base != base]
 
-    def _warn_once(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.error(msg, *args)
-
     def handle(self, req: Ioreq) -> int | None:
         """Carry out ``req``; returns the data to answer a read with (None: leave data alone)."""
         if req.type == IoreqType.INVALIDATE:
@@ -122,12 +119,11 @@ class IoreqDispatcher:
         if req.type == IoreqType.TIMEOFFSET:
             return None
         if req.type != IoreqType.COPY:
-            self._warn_once(f"type{req.type}", "IOREQ type %d is not emulated here", req.type)
+            self._guest_errors.warning("IOREQ type %d is not emulated here", req.type)
             return _all_ones(req.size) if req.is_read and not req.data_is_ptr else None
         if req.data_is_ptr or req.count != 1:
             # Arm never forwards string or pointer-based MMIO; refuse instead of guessing.
-            self._warn_once(
-                "ptr",
+            self._guest_errors.warning(
                 "IOREQ with data_is_ptr=%d count=%d at %#x is not supported",
                 req.data_is_ptr,
                 req.count,
@@ -135,7 +131,7 @@ class IoreqDispatcher:
             )
             return None
         if req.size not in (1, 2, 4, 8):
-            self._warn_once(f"size{req.size}", "IOREQ of %d bytes at %#x", req.size, req.addr)
+            self._guest_errors.warning("IOREQ of %d bytes at %#x", req.size, req.addr)
             return _all_ones(8) if req.is_read else None
         for w in self.windows:
             if w.base <= req.addr and req.addr + req.size <= w.base + w.size:
@@ -144,7 +140,7 @@ class IoreqDispatcher:
                     return w.device.read(offset, req.size) & _all_ones(req.size)
                 w.device.write(offset, req.size, req.data & _all_ones(req.size))
                 return None
-        self._warn_once(f"addr{req.addr:#x}", "IOREQ at %#x hits no device", req.addr)
+        self._guest_errors.warning("IOREQ at %#x hits no device", req.addr)
         return _all_ones(req.size) if req.is_read else None
 
 

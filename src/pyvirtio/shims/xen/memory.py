@@ -7,7 +7,10 @@ address space (privileged foreign mapping). Two strategies, as the talk describe
   ``BUCKET_PAGES`` pages and kept in a bounded LRU cache, so the hot path does no map/unmap per
   descriptor and dom0 spends at most ``max_pages`` pages of its own address space and memory on
   foreign mappings (cf. XSA-300). A bucket still referenced by a request is never evicted: its
-  ``mmap`` refuses to close while views exist.
+  ``mmap`` refuses to close while views exist. When requests in flight hold every bucket, a
+  request maps exactly the pages of its buffers for itself, unmapped when it completes; and one
+  request may map at most half the cache's worth of bytes (``max_mapped_per_request``), so that
+  no chain, however its descriptors alias or scatter, can make dom0 map more than that.
 - **static**: every RAM bank of the guest is mapped once at start. Banks are found by asking
   Xen, not guessed: the guest's RAM windows (``GUEST_RAM0``/``GUEST_RAM1`` on Arm) are mapped
   bucket by bucket and the frames Xen refuses mark where RAM ends.
@@ -66,13 +69,14 @@ class ForeignGuestMemory(GuestMemory):
         self.domid = domid
         self.static = static
         self.max_buckets = max(4, max_pages // BUCKET_PAGES)
+        self.max_mapped_per_request = self.max_buckets // 2 * BUCKET_SIZE
         self._buckets: OrderedDict[int, ForeignMapping] = OrderedDict()
         self._retired: list[ForeignMapping | GrantMapping] = []
         self._lock = threading.Lock()
         self.maps = 0  # map operations, for statistics and tests
         self.evictions = 0
         self.peak_buckets = 0
-        self.peak_held = 0  # most buckets found held by requests at once while evicting
+        self.page_maps = 0  # page-exact mappings for requests that found the cache full
         self._warned_full = False
         if static:
             self._map_all(ram_windows or ARM_GUEST_RAM_WINDOWS)
@@ -106,7 +110,9 @@ class ForeignGuestMemory(GuestMemory):
             len(self._buckets),
         )
 
-    def _bucket(self, index: int) -> ForeignMapping:
+    def _bucket(self, index: int) -> ForeignMapping | None:
+        """The cached mapping of bucket ``index``; None when requests in flight hold every
+        bucket of a full cache (the caller maps what it needs for itself)."""
         with self._lock:
             mapping = self._buckets.get(index)
             if mapping is not None:
@@ -115,38 +121,34 @@ class ForeignGuestMemory(GuestMemory):
                 return mapping
             if self.static:
                 raise KeyError(index)
-            if len(self._buckets) >= self.max_buckets:
-                self._evict()
+            if len(self._buckets) >= self.max_buckets and not self._evict():
+                return None
             mapping = self._map_bucket(index)
             self._buckets[index] = mapping
             self.peak_buckets = max(self.peak_buckets, len(self._buckets))
             return mapping
 
-    def _evict(self) -> None:
-        """Unmap least recently used buckets that no request holds, down below the bound.
-
-        Buckets held by requests in flight cannot go; if they alone fill the cache, it grows
-        by one bucket and shrinks back as soon as they are released.
-        """
+    def _evict(self) -> bool:
+        """Unmap least recently used buckets that no request holds, down below the bound;
+        False if requests in flight hold all of them."""
         self._sweep_retired()
-        held = 0
         for index in list(self._buckets):
             if len(self._buckets) < self.max_buckets:
                 break
             if self._buckets[index].close():
                 del self._buckets[index]
                 self.evictions += 1
-            else:
-                held += 1
-        self.peak_held = max(self.peak_held, held)
-        if len(self._buckets) >= self.max_buckets and not self._warned_full:
+        if len(self._buckets) < self.max_buckets:
+            return True
+        if not self._warned_full:
             self._warned_full = True
             log.warning(
-                "dom%d: requests in flight hold all %d map cache buckets; the cache "
-                "grows until they complete (raise --map-cache-pages)",
+                "dom%d: requests in flight hold all %d map cache buckets; requests map their "
+                "own pages meanwhile (raise --map-cache-pages)",
                 self.domid,
                 len(self._buckets),
             )
+        return False
 
     def _sweep_retired(self) -> None:
         self._retired = [m for m in self._retired if not m.close()]
@@ -167,14 +169,14 @@ class ForeignGuestMemory(GuestMemory):
 
     def close(self) -> None:
         log.info(
-            "dom%d: map cache: %d maps, %d evictions, at most %d pages mapped (bound %d, "
-            "at most %d pages held by requests in flight); %d grant maps",
+            "dom%d: map cache: %d maps, %d evictions, at most %d pages mapped (bound %d); "
+            "%d page maps for requests that found it full; %d grant maps",
             self.domid,
             self.maps,
             self.evictions,
             self.peak_buckets * BUCKET_PAGES,
             self.max_buckets * BUCKET_PAGES,
-            self.peak_held * BUCKET_PAGES,
+            self.page_maps,
             self.grant_maps,
         )
         with self._lock:
@@ -194,13 +196,22 @@ class ForeignGuestMemory(GuestMemory):
 
     # -- GuestMemory ---------------------------------------------------------------------------
 
-    def _view(self, addr: int, length: int) -> memoryview:
+    def _view(self, addr: int, length: int, hold: list[Transient] | None) -> memoryview:
         """A view of [addr, addr+length), which lies inside one bucket."""
         index = addr >> BUCKET_SHIFT
         try:
             mapping = self._bucket(index)
         except (KeyError, OSError):
             raise GuestMemoryError(addr, length) from None
+        if mapping is None:
+            view, pages = self._pages(addr, length)
+            self.page_maps += 1
+            if hold is not None:
+                hold.append(pages)
+            else:
+                with self._lock:
+                    self._retired.append(pages)
+            return view
         offset = addr & (BUCKET_SIZE - 1)
         if mapping.bad:
             first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
@@ -227,7 +238,7 @@ class ForeignGuestMemory(GuestMemory):
         out = []
         while length > 0:
             n = min(length, BUCKET_SIZE - (addr & (BUCKET_SIZE - 1)))
-            view = self._view(addr, n)
+            view = self._view(addr, n, hold)
             out.append(view if writable else view.toreadonly())
             addr += n
             length -= n
@@ -240,15 +251,15 @@ class ForeignGuestMemory(GuestMemory):
             raise GuestMemoryError(addr, length)
         if addr & GRANT_DMA_ADDR_OFF:
             return self._grant_view(addr, length, True, None)
-        if self.static:
-            return (
-                self._view(addr, length)
-                if (addr & (BUCKET_SIZE - 1)) + length <= BUCKET_SIZE
-                else self._ring_mapping(addr, length)
-            )
-        return self._ring_mapping(addr, length)
+        if self.static and (addr & (BUCKET_SIZE - 1)) + length <= BUCKET_SIZE:
+            return self._view(addr, length, None)
+        view, mapping = self._pages(addr, length)
+        with self._lock:
+            self._retired.append(mapping)  # unmapped once the queue lets go of the view
+        return view
 
-    def _ring_mapping(self, addr: int, length: int) -> memoryview:
+    def _pages(self, addr: int, length: int) -> tuple[memoryview, ForeignMapping]:
+        """A mapping of exactly the pages of [addr, addr+length), and the view of the range."""
         first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
         try:
             mapping = self.privcmd.map(self.domid, first, last - first + 1)
@@ -258,10 +269,7 @@ class ForeignGuestMemory(GuestMemory):
             mapping.close()
             raise GuestMemoryError(addr, length, "is not RAM of the guest")
         offset = addr - (first << PAGE_SHIFT)
-        view = mapping.view[offset : offset + length]
-        with self._lock:
-            self._retired.append(mapping)  # unmapped once the queue lets go of the view
-        return view
+        return mapping.view[offset : offset + length], mapping
 
     def _grant_view(
         self, addr: int, length: int, writable: bool, hold: list[Transient] | None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import socket
 
-from pyvirtio.shims.vhost_user.channel import recv_message, send_message
-from pyvirtio.shims.vhost_user.protocol import (
+from pyvirtio.vhost_user.channel import recv_message, send_message
+from pyvirtio.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     ConfigPayload,
