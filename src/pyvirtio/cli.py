@@ -136,6 +136,15 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "completes (the guest may switch with CONFIG_WCE)",
     )
     p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a front-end may take to send the rest of a message it began, or to take "
+        "a reply, before its session ends; also how long a new connection waits for the "
+        "session in progress to end before it is refused (default 5)",
+    )
+    p.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the vhost-user back-end capabilities as JSON and exit",
@@ -308,6 +317,9 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.io_threads < 0:
         image.close()
         raise UsageError("--io-threads must be 0 or more")
+    if not args.peer_timeout > 0:
+        image.close()
+        raise UsageError("--peer-timeout must be positive")
     executor = (
         ThreadPoolExecutor(args.io_threads, thread_name_prefix="io") if args.io_threads else None
     )
@@ -346,13 +358,23 @@ def run_blk(args: argparse.Namespace) -> int:
                 raise UsageError(f"--fd {args.fd}: {exc.strerror}") from None
             if listener.family != socket.AF_UNIX:
                 raise UsageError(f"--fd {args.fd} is not a UNIX socket")
-            server = VhostUserServer(new_device, listener)
+            server = VhostUserServer(
+                new_device,
+                listener,
+                stall_timeout=args.peer_timeout,
+                takeover_wait=args.peer_timeout,
+            )
             log.info("serving %s on fd %d", args.image, args.fd)
             server.serve_forever()
         else:
             try:
                 with listening_socket(args.socket_path) as listener:
-                    server = VhostUserServer(new_device, listener)
+                    server = VhostUserServer(
+                        new_device,
+                        listener,
+                        stall_timeout=args.peer_timeout,
+                        takeover_wait=args.peer_timeout,
+                    )
                     log.info("serving %s on %s", args.image, args.socket_path)
                     server.serve_forever()
             except SocketError as exc:

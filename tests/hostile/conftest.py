@@ -81,6 +81,14 @@ class Daemon:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
+    def settled(self, fds: int, timeout: float = 10.0) -> int:
+        """Wait for the sessions in progress to be torn down (at most ``fds`` fds open);
+        returns how many fds the daemon holds then."""
+        deadline = time.monotonic() + timeout
+        while (count := self.fd_count()) > fds and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return count
+
     def check_serves(self, timeout: float = 10.0) -> None:
         """A well-behaved front-end connects (retrying while a session ends) and does I/O."""
         assert self.alive(), f"the daemon died:\n{self.log()[-4000:]}"
@@ -102,12 +110,12 @@ class Daemon:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     try:
+        idle = d.fd_count()
         d.check_serves()
-        baseline = d.fd_count()
+        baseline = d.settled(idle, timeout=5)
         yield d
         d.check_serves()
-        time.sleep(0.3)  # the good session's teardown
-        leaked = d.fd_count() - baseline
+        leaked = d.settled(baseline) - baseline
         assert leaked <= 0, f"the daemon holds {leaked} more fds than after a clean session"
         assert d.stop() == 0, f"the daemon did not stop cleanly:\n{d.log()[-4000:]}"
         assert "Traceback" not in d.log(), d.log()[-6000:]

@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import GUEST_RAM_BASE, USER_ADDR_BASE, VhostUserDriver
@@ -191,3 +192,86 @@ def raw_connect(path: str, timeout: float = 5.0) -> socket.socket:
 
 def message(request: int, payload: bytes = b"", flags: int = 0) -> bytes:
     return encode(request, payload, flags)
+
+
+# -- a recorded session, replayed cut at every byte ----------------------------------------------
+
+
+@dataclass
+class Recorded:
+    """One message a well-behaved front-end sent, with what kind of fds it carried."""
+
+    data: bytes
+    fds: list[tuple[str, int]]  # ("eventfd" | "socket" | "memfd", size)
+
+
+def _kind(fd: int) -> tuple[str, int]:
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    if link == "anon_inode:[eventfd]":
+        return "eventfd", 0
+    if link.startswith("socket:"):
+        return "socket", 0
+    return "memfd", os.fstat(fd).st_size
+
+
+def record_session(path: str) -> list[Recorded]:
+    """The messages :func:`serve_well` sends, recorded on their way to the daemon."""
+    from pyvirtio.driver import vhost_user_frontend
+
+    recorded: list[Recorded] = []
+    real = vhost_user_frontend.send_message
+
+    def recording(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+        recorded.append(Recorded(data, [_kind(fd) for fd in fds]))
+        real(conn, data, fds)
+
+    vhost_user_frontend.send_message = recording  # type: ignore[assignment]
+    try:
+        serve_well(path)
+    finally:
+        vhost_user_frontend.send_message = real
+    return recorded
+
+
+def make_fd(kind: str, size: int) -> int:
+    if kind == "eventfd":
+        return eventfd()
+    if kind == "socket":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.close()
+        return b.detach()
+    return memfd(size)
+
+
+def replay_cut(path: str, messages: list[Recorded], cut: int) -> None:
+    """Send the first ``cut`` bytes of the recorded stream (each message's fds with its first
+    byte), stop sending, and read what the daemon answers until it ends the session (it has
+    then handled every complete message and met the cut one)."""
+    s = raw_connect(path, timeout=10.0)
+    try:
+        left = cut
+        for msg in messages:
+            if left <= 0:
+                break
+            fds = [make_fd(kind, size) for kind, size in msg.fds]
+            try:
+                send_message(s, msg.data[:left], fds)
+            except OSError:
+                return  # the daemon ended the session first (a refused request): fine
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            left -= len(msg.data)
+        s.shutdown(socket.SHUT_WR)
+        while True:
+            data, ancdata, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(8 * 4))
+            for level, kind, cdata in ancdata:  # the in-flight fd of GET_INFLIGHT_FD
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for i in range(0, len(cdata) - len(cdata) % 4, 4):
+                        os.close(int.from_bytes(cdata[i : i + 4], "little"))
+            if not data:
+                return
+    except ConnectionResetError:
+        return
+    finally:
+        s.close()

@@ -98,7 +98,15 @@ def test_modern_queue_addresses_are_64_bit() -> None:
 
 
 def test_notify_for_missing_queue_is_ignored(machine: InProcessMachine) -> None:
+    notified: list[int] = []
+    machine.transport.notify = notified.append
+    status = machine.read(Reg.STATUS, 4)
     machine.write(Reg.QUEUE_NOTIFY, 4, 9)
+    machine.write(Reg.QUEUE_NOTIFY, 4, 0xFFFF_FFFF)
+    assert notified == []
+    assert machine.read(Reg.STATUS, 4) == status  # and the device did not break
+    machine.write(Reg.QUEUE_NOTIFY, 4, 0)
+    assert notified == [0]
 
 
 def test_legacy_pfn_layout() -> None:

@@ -68,9 +68,11 @@ def check_kick_eventfd(fd: int) -> None:
 
 def check_unix_socket(fd: int, what: str) -> socket.socket:
     """A UNIX stream socket, returned as a socket object that owns a duplicate of ``fd``."""
+    dup = os.dup(fd)
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        sock = socket.socket(fileno=dup)
     except OSError as exc:
+        os.close(dup)
         raise PeerFdError(f"{what} is not a socket ({exc.strerror})") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.close()
