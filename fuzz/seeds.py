@@ -6,15 +6,20 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from fuzz.targets import CONN_MEMORY, FD_KINDS
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE
 from pyvirtio.spec.blk import REQ_HEADER
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
+    InflightDesc,
+    MemoryRegionDesc,
     VringAddr,
     VringState,
     encode,
+    encode_mem_table,
+    encode_single_region,
     encode_u64,
 )
 
@@ -59,6 +64,39 @@ def vhost_user() -> list[bytes]:
     return [b"".join(msgs), b"".join(msgs[:4])]
 
 
+def vhost_user_conn() -> list[bytes]:
+    """A whole session: each message preceded by the kind of fd it carries
+    (``fuzz.targets.FD_KINDS``): memory, an in-flight area, kick/call/err eventfds, a channel."""
+    kinds = {name: i for i, name in enumerate(FD_KINDS)}
+    user = 0x7000_0000
+    addr = VringAddr(0, 0, user, user + 0x200, user + 0x100, 0)
+    region = MemoryRegionDesc(0, CONN_MEMORY, user, 0)
+    msgs = [
+        ("none", encode(FrontendReq.GET_FEATURES)),
+        ("none", encode(FrontendReq.SET_PROTOCOL_FEATURES, encode_u64(0xB229))),
+        ("none", encode(FrontendReq.SET_OWNER)),
+        ("none", encode(FrontendReq.SET_FEATURES, encode_u64((1 << 32) | (1 << 30)), flags=8)),
+        ("memfd", encode(FrontendReq.SET_MEM_TABLE, encode_mem_table([region]), flags=8)),
+        ("socket", encode(FrontendReq.SET_BACKEND_REQ_FD, flags=8)),
+        ("none", encode(FrontendReq.GET_INFLIGHT_FD, InflightDesc(0, 0, 2, 16).encode())),
+        ("memfd", encode(FrontendReq.SET_INFLIGHT_FD, InflightDesc(1024, 0, 2, 16).encode())),
+        ("none", encode(FrontendReq.SET_VRING_NUM, VringState(0, 16).encode(), flags=8)),
+        ("none", encode(FrontendReq.SET_VRING_ADDR, addr.encode(), flags=8)),
+        ("eventfd", encode(FrontendReq.SET_VRING_CALL, encode_u64(0), flags=8)),
+        ("eventfd", encode(FrontendReq.SET_VRING_ERR, encode_u64(0), flags=8)),
+        ("eventfd", encode(FrontendReq.SET_VRING_KICK, encode_u64(0), flags=8)),
+        ("none", encode(FrontendReq.SET_VRING_ENABLE, VringState(0, 1).encode(), flags=8)),
+        ("memfd", encode(FrontendReq.ADD_MEM_REG, encode_single_region(region), flags=8)),
+        ("none", encode(FrontendReq.GET_VRING_BASE, VringState(0, 0).encode())),
+        ("none", encode(FrontendReq.RESET_DEVICE, flags=8)),
+    ]
+    whole = b"".join(bytes([kinds[k]]) + m for k, m in msgs)
+    hostile = [
+        (k if k == "none" else bad, m) for (k, m), bad in zip(msgs, FD_KINDS * 3, strict=False)
+    ]
+    return [whole, b"".join(bytes([kinds[k]]) + m for k, m in hostile)]
+
+
 def mmio() -> list[bytes]:
     ops = []
 
@@ -98,6 +136,7 @@ def main() -> None:
     for name, make in (
         ("ring_blk", ring_blk),
         ("vhost_user", vhost_user),
+        ("vhost_user_conn", vhost_user_conn),
         ("mmio", mmio),
         ("xen_config", xen_config),
     ):

@@ -5,6 +5,10 @@
   (NEEDS_RESET, status bytes) is allowed, never an exception, and nothing outside the used ring
   and the device-writable buffers the chains named may change.
 - ``vhost_user``: a stream of vhost-user messages to a back-end session.
+- ``vhost_user_conn``: a connection to the vhost-user server: messages carrying real fds of
+  every kind (eventfds, a semaphore eventfd, a pipe, /dev/zero, memfds too small, sealable or
+  not, a socket, a regular file), cut wherever the input ends. A bug is an exception the
+  session had to catch, an fd or a thread left behind once the session is over.
 - ``mmio``: register accesses to a virtio-mmio virtio-blk device.
 - ``xen_config``: a xenstore directory for a virtio disk.
 """
@@ -14,17 +18,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import struct
 import tempfile
+import threading
 from collections.abc import Callable
 
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
+from pyvirtio.shims.vhost_user.server import VhostUserServer
 from pyvirtio.shims.vhost_user.session import VhostUserSession
 from pyvirtio.shims.xen.config import ConfigError, parse_disk
 from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.storage.raw import RawImage
+from pyvirtio.vhost_user.channel import send_message
 from pyvirtio.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
 from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
 
@@ -112,6 +120,120 @@ def vhost_user(data: bytes) -> None:
         image.close()
 
 
+#: The fds a ``vhost_user_conn`` message may carry, by the kind byte that precedes it.
+FD_KINDS = (
+    "none",
+    "eventfd",
+    "semaphore",
+    "pipe",
+    "zero",
+    "memfd_small",
+    "memfd",
+    "memfd_unsealable",
+    "socket",
+    "file",
+)
+CONN_MEMORY = 64 * 1024
+_listener = socket.socket(socket.AF_UNIX)  # never listens: sessions are served directly
+
+
+def _conn_fd(kind: str) -> list[int]:
+    if kind == "eventfd":
+        return [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]
+    if kind == "semaphore":
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+        os.eventfd_write(fd, 1 << 40)
+        return [fd]
+    if kind == "pipe":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.close(w)
+        return [r]
+    if kind == "zero":
+        return [os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)]
+    if kind.startswith("memfd"):
+        flags = os.MFD_CLOEXEC | (0 if kind == "memfd_unsealable" else os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create("fuzz", flags)
+        os.ftruncate(fd, 4096 if kind == "memfd_small" else CONN_MEMORY)
+        return [fd]
+    if kind == "socket":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.close()
+        return [b.detach()]
+    if kind == "file":
+        return [os.open(_image_path, os.O_RDWR | os.O_CLOEXEC)]
+    return []
+
+
+class _Bugs(logging.Handler):
+    """Collects what the server logs with a traceback: exceptions it had to catch."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
+def vhost_user_conn(data: bytes) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    image = RawImage(_image_path)
+    server = VhostUserServer(lambda: BlkDevice(image, num_queues=2), _listener, stall_timeout=0.05)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    bugs = _Bugs()
+    root = logging.getLogger()
+    root.addHandler(bugs)  # the only handler: nothing is printed
+    level = root.level
+    root.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
+    try:
+        pos = 0
+        while pos < len(data):
+            kind = FD_KINDS[data[pos] % len(FD_KINDS)]
+            size = struct.unpack_from("<I", data, pos + 9)[0] if pos + 13 <= len(data) else 0
+            end = min(len(data), pos + 1 + HEADER_SIZE + min(size, 4096))
+            fds = _conn_fd(kind)
+            try:
+                send_message(ours, data[pos + 1 : end], fds)
+            except OSError:
+                break
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            pos = end
+        ours.shutdown(socket.SHUT_WR)
+        server.serve_connection(theirs)
+        while True:
+            try:
+                reply, ancdata, _, _ = ours.recvmsg(65536, socket.CMSG_SPACE(4 * 8))
+            except ConnectionResetError:  # it ended the session with our messages unread
+                break
+            for level, kind_, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
+                    for i in range(0, len(cdata) - len(cdata) % 4, 4):
+                        os.close(int.from_bytes(cdata[i : i + 4], "little"))
+            if not reply:
+                break
+    finally:
+        ours.close()
+        root.removeHandler(bugs)
+        root.setLevel(level)
+        logging.disable(logging.CRITICAL)
+        image.close()
+    if bugs.records:
+        record = bugs.records[0]
+        raise AssertionError(f"the session caught: {record.getMessage()}") from (
+            record.exc_info[1] if record.exc_info else None
+        )
+    fds_after = len(os.listdir("/proc/self/fd"))
+    if fds_after != fds_before:
+        raise AssertionError(f"{fds_after - fds_before} fds left behind by the session")
+    if threading.active_count() != threads_before:
+        raise AssertionError("threads left behind by the session")
+
+
 def mmio(data: bytes) -> None:
     image = RawImage(_image_path)
     device = BlkDevice(image, num_queues=2)
@@ -143,6 +265,7 @@ def xen_config(data: bytes) -> None:
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "ring_blk": ring_blk,
     "vhost_user": vhost_user,
+    "vhost_user_conn": vhost_user_conn,
     "mmio": mmio,
     "xen_config": xen_config,
 }

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "15"))
 
 
-@pytest.mark.parametrize("target", ["ring_blk", "vhost_user", "mmio", "xen_config"])
+@pytest.mark.parametrize(
+    "target", ["ring_blk", "vhost_user", "vhost_user_conn", "mmio", "xen_config"]
+)
 def test_fuzz_target(target: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "fuzz" / "seeds" / target, corpus)
