@@ -221,3 +221,41 @@ class ForeignApt:
         dest.mkdir(parents=True, exist_ok=True)
         self._run("apt-get", ["-q", "source", "--download-only", f"{package}={version}"], cwd=dest)
         return sorted(dest.iterdir())
+
+
+def newest_source(
+    apt: ForeignApt, package: str, into: Path, wanted: str
+) -> tuple[str, list[str], Path]:
+    """The newest source version of ``package`` whose files can be had: (version, its binary
+    package names, its first file matching the glob ``wanted``, e.g. ``*.dsc``). Sources
+    already downloaded into ``into/<version>`` are used as they are; versions the mirror cannot
+    give (a 404, seen for superseded security uploads) are skipped, and not asked for again
+    until the next ``apt-get update``."""
+    versions = apt.source_versions(package)
+    if not versions:
+        raise RigError(f"no deb-src entry for {package}: are the deb-src lists updated?")
+    errors: list[str] = []
+    into.mkdir(parents=True, exist_ok=True)
+    for version, binaries in versions.items():
+        dest = into / version.replace(":", "%3a")
+        found = sorted(dest.glob(wanted)) if dest.is_dir() else []
+        failed = into / f".unavailable-{version.replace(':', '%3a')}"
+        if not found and failed.exists() and failed.stat().st_mtime >= apt.lists_time():
+            errors.append(f"{version}: failed before (since the last apt-get update)")
+            continue
+        if not found:
+            with tempfile.TemporaryDirectory(dir=into, prefix=".src-") as tmp:
+                try:
+                    apt.download_source(package, version, Path(tmp))
+                except RigError as err:
+                    errors.append(f"{version}: {str(err)[-300:]}")
+                    failed.write_text(str(err))
+                    continue
+                shutil.rmtree(dest, ignore_errors=True)
+                Path(tmp).rename(dest)
+                dest.chmod(0o755)
+            found = sorted(dest.glob(wanted))
+        if found:
+            return version, binaries, found[0]
+        errors.append(f"{version}: no {wanted} among the downloaded files")
+    raise RigError(f"no {package} source version could be downloaded:\n" + "\n".join(errors))

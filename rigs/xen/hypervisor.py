@@ -21,7 +21,7 @@ from pathlib import Path
 from rigs import RigError
 from rigs.host import find_tool
 from rigs.kernel import kconfig_value
-from rigs.xen.apt import ForeignApt
+from rigs.xen.apt import ForeignApt, newest_source
 from rigs.xen.crossbuild import CROSS_COMPILE, compiler_version, run_logged
 from rigs.xen.packages import Packages
 
@@ -47,35 +47,8 @@ class Hypervisor:
 
 def source_version(apt: ForeignApt, into: Path) -> tuple[str, list[str], Path]:
     """The newest ``xen`` source version whose files can be had: (version, its binary
-    package names, the orig tarball). Already downloaded tarballs are used first; versions
-    whose files the mirror lacks (a 404, seen for security updates) are skipped."""
-    versions = apt.source_versions(SOURCE_PACKAGE)
-    if not versions:
-        raise RigError("no deb-src entry for xen: are the deb-src lists updated?")
-    errors: list[str] = []
-    into.mkdir(parents=True, exist_ok=True)
-    for version, binaries in versions.items():
-        dest = into / version
-        origs = sorted(dest.glob("*.orig.tar.*")) if dest.is_dir() else []
-        failed = into / f".unavailable-{version}"
-        if not origs and failed.exists() and failed.stat().st_mtime >= apt.lists_time():
-            errors.append(f"{version}: failed before (since the last apt-get update)")
-            continue
-        if not origs:
-            with tempfile.TemporaryDirectory(dir=into, prefix=".src-") as tmp:
-                try:
-                    apt.download_source(SOURCE_PACKAGE, version, Path(tmp))
-                except RigError as err:
-                    errors.append(f"{version}: {str(err)[-300:]}")
-                    failed.write_text(str(err))
-                    continue
-                shutil.rmtree(dest, ignore_errors=True)
-                Path(tmp).rename(dest)
-                dest.chmod(0o755)
-            origs = sorted(dest.glob("*.orig.tar.*"))
-        if origs:
-            return version, binaries, origs[0]
-    raise RigError("no xen source version could be downloaded:\n" + "\n".join(errors))
+    package names, the orig tarball)."""
+    return newest_source(apt, SOURCE_PACKAGE, into, "*.orig.tar.*")
 
 
 def _make(args: list[str], cwd: Path, log: Path) -> None:
