@@ -58,6 +58,8 @@ class _Worker(threading.Thread):
         self.index = index
         self.kick_fd = kick_fd
         self.stopping = threading.Event()
+        #: Draining the queue (requests may be in progress), as opposed to waiting for a kick.
+        self.busy = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     def run(self) -> None:
@@ -67,7 +69,9 @@ class _Worker(threading.Thread):
         poller.register(self._wake, select.POLLIN)
         try:
             while not stopping.is_set():
+                self.busy = True
                 device.process_queue(index, stopping)  # also what came before the first kick
+                self.busy = False
                 if stopping.is_set():
                     return
                 for fd, events in poller.poll():
@@ -81,6 +85,8 @@ class _Worker(threading.Thread):
 
     def stop(self) -> None:
         """Stop after the chain in hand (the chains taken are completed first) and join."""
+        if self.busy:
+            log.info("queue %d: stopping while it serves requests; they complete first", self.index)
         self.stopping.set()
         os.eventfd_write(self._wake, 1)
         self.join(_SLOW_STOP)
