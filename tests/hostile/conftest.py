@@ -7,6 +7,7 @@ within a few seconds, and must hold no more file descriptors than it did after s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -106,9 +107,12 @@ class Daemon:
         return self.proc.returncode
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path)
+@contextlib.contextmanager
+def checked_daemon(tmp: Path, *extra: str) -> Iterator[Daemon]:
+    """A daemon (``extra``: more options) that must, after the block, still serve a
+    well-behaved front-end, hold no more fds than after a clean session, stop cleanly and
+    have logged no traceback."""
+    d = Daemon(tmp, *extra)
     try:
         idle = d.fd_count()
         d.check_serves()
@@ -121,3 +125,9 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         assert "Traceback" not in d.log(), d.log()[-6000:]
     finally:
         d.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    with checked_daemon(tmp_path) as d:
+        yield d

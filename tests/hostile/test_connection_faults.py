@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.vhost_user.protocol import HEADER, FrontendReq
-from tests.hostile.conftest import Daemon
+from tests.hostile.conftest import Daemon, checked_daemon
 from tests.hostile.frontend import (
     message,
     raw_connect,
@@ -27,19 +27,9 @@ PEER_TIMEOUT = 1.0
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """A daemon whose peers time out after 1 s (checked like the default fixture's)."""
-    d = Daemon(tmp_path, "--peer-timeout", str(PEER_TIMEOUT))
-    try:
-        idle = d.fd_count()
-        d.check_serves()
-        baseline = d.settled(idle, timeout=5)
+    """A daemon whose peers time out after 1 s."""
+    with checked_daemon(tmp_path, "--peer-timeout", str(PEER_TIMEOUT)) as d:
         yield d
-        d.check_serves()
-        assert d.settled(baseline) <= baseline, "the daemon leaks fds"
-        assert d.stop() == 0
-        assert "Traceback" not in d.log(), d.log()[-6000:]
-    finally:
-        d.stop()
 
 
 def test_disconnect_at_every_byte_of_a_session(daemon: Daemon) -> None:
