@@ -6,17 +6,22 @@ Errors in arguments, images or sockets are reported as one line on stderr with e
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import importlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pyvirtio import __version__
+from pyvirtio.device import VirtioDevice
 
 log = logging.getLogger("pyvirtio")
 
@@ -52,6 +57,37 @@ def _power_of_two(low: int, high: int) -> type[int]:
     return check  # type: ignore[return-value]
 
 
+def _add_vhost_user_options(p: argparse.ArgumentParser) -> None:
+    """The options every vhost-user device command shares (rust-vmm vhost-device's names)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket-path", metavar="PATH", help="UNIX socket to listen on (created with mode 0600)"
+    )
+    where.add_argument(
+        "--fd",
+        type=int,
+        metavar="N",
+        help="an already listening socket (e.g. from systemd socket activation)",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a front-end may take to send the rest of a message it began, or to take "
+        "a reply, before its session ends; also how long a new connection waits for the "
+        "session in progress to end before it is refused (default 5)",
+    )
+    p.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the vhost-user back-end capabilities as JSON and exit",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v: info, -vv: debug)"
+    )
+
+
 def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "blk",
@@ -65,16 +101,7 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
             "requests complete and the image is flushed."
         ),
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--socket-path", metavar="PATH", help="UNIX socket to listen on (created with mode 0600)"
-    )
-    where.add_argument(
-        "--fd",
-        type=int,
-        metavar="N",
-        help="an already listening socket (e.g. from systemd socket activation)",
-    )
+    _add_vhost_user_options(p)
     p.add_argument(
         "--image", "--blk-file", dest="image", metavar="FILE", help="raw image file or block device"
     )
@@ -135,22 +162,54 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="start in writethrough mode: every write is durable before it "
         "completes (the guest may switch with CONFIG_WCE)",
     )
+
+
+def _add_rng_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "rng",
+        help="serve a virtio-rng (entropy) device over vhost-user",
+        description=(
+            "Serve a virtio-rng device. QEMU connects with -chardev socket,id=c0,path=PATH "
+            "-device vhost-user-rng-pci,chardev=c0 (or vhost-user-rng-device on virtio-mmio "
+            "machines); the guest's /dev/hwrng then reads from FILE (default /dev/urandom)."
+        ),
+    )
+    _add_vhost_user_options(p)
     p.add_argument(
-        "--peer-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long a front-end may take to send the rest of a message it began, or to take "
-        "a reply, before its session ends; also how long a new connection waits for the "
-        "session in progress to end before it is refused (default 5)",
+        "--filename",
+        default="/dev/urandom",
+        metavar="FILE",
+        help="where the bytes come from (default /dev/urandom); a regular file is read in a loop",
     )
     p.add_argument(
-        "--print-capabilities",
-        action="store_true",
-        help="print the vhost-user back-end capabilities as JSON and exit",
+        "--period",
+        type=_positive,
+        metavar="MS",
+        help="rate limit: at most --max-bytes bytes per this many milliseconds (up to 60000)",
     )
     p.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-v: info, -vv: debug)"
+        "--max-bytes", type=_positive, metavar="N", help="rate limit: bytes per --period"
+    )
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a device class of your own over vhost-user",
+        description=(
+            "Import MODULE (from the current directory or PYTHONPATH), construct its CLASS, a "
+            "pyvirtio.device.VirtioDevice, with the --arg values as keyword arguments, and "
+            "serve it over vhost-user: a fresh instance for each front-end. See docs/devices.md."
+        ),
+    )
+    p.add_argument("device", metavar="MODULE:CLASS", help="the device class, e.g. mydev:Echo")
+    _add_vhost_user_options(p)
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument for the class (a Python literal, or else a string); repeatable",
     )
 
 
@@ -276,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_blk_parser(sub)
+    _add_rng_parser(sub)
+    _add_serve_parser(sub)
     _add_xen_parser(sub)
     _add_bench_parser(sub)
     return parser
@@ -302,12 +363,10 @@ def run_blk(args: argparse.Namespace) -> int:
         return 0
     if args.image is None:
         raise UsageError("--image is required")
-    if args.socket_path is None and args.fd is None:
-        raise UsageError("one of --socket-path or --fd is required")
+    _check_vhost_user_args(args)
     _setup_logging(args.verbose)
 
     from pyvirtio.devices.blk import BlkDevice
-    from pyvirtio.shims.vhost_user.server import SocketError, VhostUserServer, listening_socket
     from pyvirtio.storage.raw import ImageError, RawImage
 
     try:
@@ -317,9 +376,6 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.io_threads < 0:
         image.close()
         raise UsageError("--io-threads must be 0 or more")
-    if not args.peer_timeout > 0:
-        image.close()
-        raise UsageError("--peer-timeout must be positive")
     executor = (
         ThreadPoolExecutor(args.io_threads, thread_name_prefix="io") if args.io_threads else None
     )
@@ -347,43 +403,9 @@ def run_blk(args: argparse.Namespace) -> int:
         image.close()
         raise UsageError(f"image {args.image!r} is smaller than one logical block")
 
-    signal.signal(signal.SIGTERM, _raise_shutdown)
-    signal.signal(signal.SIGINT, _raise_shutdown)
-    server: VhostUserServer | None = None
     try:
-        if args.fd is not None:
-            try:
-                listener = socket.socket(fileno=args.fd)
-            except OSError as exc:
-                raise UsageError(f"--fd {args.fd}: {exc.strerror}") from None
-            if listener.family != socket.AF_UNIX:
-                raise UsageError(f"--fd {args.fd} is not a UNIX socket")
-            server = VhostUserServer(
-                new_device,
-                listener,
-                stall_timeout=args.peer_timeout,
-                takeover_wait=args.peer_timeout,
-            )
-            log.info("serving %s on fd %d", args.image, args.fd)
-            server.serve_forever()
-        else:
-            try:
-                with listening_socket(args.socket_path) as listener:
-                    server = VhostUserServer(
-                        new_device,
-                        listener,
-                        stall_timeout=args.peer_timeout,
-                        takeover_wait=args.peer_timeout,
-                    )
-                    log.info("serving %s on %s", args.image, args.socket_path)
-                    server.serve_forever()
-            except SocketError as exc:
-                raise UsageError(str(exc)) from None
-    except _Shutdown as why:
-        log.info("%s: shutting down", why)
+        _serve_vhost_user(args, new_device, args.image)
     finally:
-        if server is not None:
-            server.stop()
         if executor is not None:
             executor.shutdown()
         if not image.read_only:
@@ -392,6 +414,127 @@ def run_blk(args: argparse.Namespace) -> int:
             except OSError as exc:
                 log.error("final flush failed: %s", exc)
         image.close()
+    return 0
+
+
+def _check_vhost_user_args(args: argparse.Namespace) -> None:
+    if args.socket_path is None and args.fd is None:
+        raise UsageError("one of --socket-path or --fd is required")
+    if not args.peer_timeout > 0:
+        raise UsageError("--peer-timeout must be positive")
+
+
+def _serve_vhost_user(
+    args: argparse.Namespace, new_device: Callable[[], VirtioDevice], what: str
+) -> None:
+    """Serve devices from ``new_device`` on the socket the options name until a signal."""
+    from pyvirtio.shims.vhost_user.server import SocketError, VhostUserServer, listening_socket
+
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, _raise_shutdown)
+    server: VhostUserServer | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.fd is not None:
+                try:
+                    listener = socket.socket(fileno=args.fd)
+                except OSError as exc:
+                    raise UsageError(f"--fd {args.fd}: {exc.strerror}") from None
+                if listener.family != socket.AF_UNIX:
+                    raise UsageError(f"--fd {args.fd} is not a UNIX socket")
+                where = f"fd {args.fd}"
+            else:
+                try:
+                    listener = stack.enter_context(listening_socket(args.socket_path))
+                except SocketError as exc:
+                    raise UsageError(str(exc)) from None
+                where = args.socket_path
+            server = VhostUserServer(
+                new_device,
+                listener,
+                stall_timeout=args.peer_timeout,
+                takeover_wait=args.peer_timeout,
+            )
+            log.info("serving %s on %s", what, where)
+            server.serve_forever()
+    except _Shutdown as why:
+        log.info("%s: shutting down", why)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run_rng(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "rng"}))
+        return 0
+    _check_vhost_user_args(args)
+    if (args.period is None) != (args.max_bytes is None):
+        raise UsageError("--period and --max-bytes go together")
+    _setup_logging(args.verbose)
+    from pyvirtio.devices.rng import RngDevice
+
+    period = args.period / 1000 if args.period is not None else None
+    made: list[RngDevice] = []
+
+    def new_device() -> RngDevice:
+        device = RngDevice(source=args.filename, period=period, max_bytes=args.max_bytes)
+        made.append(device)
+        return device
+
+    try:
+        new_device()  # checks the options and the source
+    except OSError as exc:
+        raise UsageError(f"{args.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        _serve_vhost_user(args, new_device, f"entropy from {args.filename}")
+    finally:
+        for device in made:
+            device.close()
+    return 0
+
+
+def _literal(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    module_name, _, class_name = args.device.partition(":")
+    if not module_name or not class_name:
+        raise UsageError(f"{args.device!r} is not MODULE:CLASS")
+    kwargs: dict[str, Any] = {}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--arg {item!r} is not KEY=VALUE")
+        kwargs[key] = _literal(value)
+    if args.print_capabilities:
+        print(json.dumps({"type": class_name.lower()}))
+        return 0
+    _check_vhost_user_args(args)
+    _setup_logging(args.verbose)
+    sys.path.insert(0, os.getcwd())
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load {args.device}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, VirtioDevice)):
+        raise UsageError(f"{args.device} is not a pyvirtio.device.VirtioDevice class")
+
+    def new_device() -> VirtioDevice:
+        device: VirtioDevice = cls(**kwargs)
+        return device
+
+    try:
+        new_device()
+    except Exception as exc:
+        raise UsageError(f"{args.device}({kwargs}): {exc}") from None
+    _serve_vhost_user(args, new_device, args.device)
     return 0
 
 
@@ -500,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "blk":
             return run_blk(args)
+        if args.command == "rng":
+            return run_rng(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "xen":
             return run_xen(args)
         if args.command == "bench":

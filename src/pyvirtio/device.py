@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
@@ -112,6 +113,7 @@ class VirtioDevice:
         self.broken: str | None = None
         self._executor: Executor | None = None
         self._parallel_requests = 1
+        self._stop_events: dict[int, threading.Event] = {}
         self._control = threading.RLock()
         self._state = threading.Lock()
 
@@ -439,6 +441,16 @@ class VirtioDevice:
 
     # -- queue processing (the data path: workers, never under ``_control``) -------------------
 
+    def wait_unless_stopping(self, index: int, seconds: float) -> bool:
+        """For a device whose request must wait (a rate limit): sleep up to ``seconds``, and
+        return True at once if queue ``index``'s worker is being stopped meanwhile (a reset
+        must not wait for it)."""
+        stop = self._stop_events.get(index)
+        if stop is None:
+            time.sleep(seconds)
+            return False
+        return stop.wait(seconds)
+
     def _complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
         if chain.held:
             self._release(chain)
@@ -464,6 +476,8 @@ class VirtioDevice:
         queue = self.queues[index]
         if not queue.active or self.broken is not None:
             return
+        if stop is not None:
+            self._stop_events[index] = stop
         executor = self._executor
         threshold = self.parallel_threshold
         limit = self._parallel_requests
