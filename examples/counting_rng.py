@@ -17,7 +17,7 @@ class CountingRng(VirtioDevice):
     device_id = DeviceId.ENTROPY  # what the guest's drivers bind to (VIRTIO 1.2 §5.4)
 
     def __init__(self, start: int = 0) -> None:
-        super().__init__(num_queues=1, queue_size=64)  # §5.4.2: one queue, requestq
+        super().__init__(num_queues=1, queue_size=1024)  # §5.4.2: one queue, requestq
         self.start = self.next = start % 256
 
     def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:

@@ -60,7 +60,17 @@ class QemuBlk:
     properties: Mapping[str, str] = field(default_factory=dict)
 
 
-Disk = VhostUserBlk | QemuBlk
+@dataclass(frozen=True)
+class VhostUserDevice:
+    """Any other vhost-user device (``device``: QEMU's virtio-mmio device type, such as
+    ``vhost-user-rng``) served by a back-end listening on ``socket``."""
+
+    socket: Path
+    device: str
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+Disk = VhostUserBlk | QemuBlk | VhostUserDevice
 
 
 def _props(props: Mapping[str, object]) -> str:
@@ -71,7 +81,10 @@ def disk_args(disks: Sequence[Disk]) -> list[str]:
     """QEMU arguments for the disks; the guest sees them as vda, vdb, ... in this order."""
     args: list[str] = []
     for i, disk in enumerate(disks):
-        if isinstance(disk, VhostUserBlk):
+        if isinstance(disk, VhostUserDevice):
+            args += ["-chardev", f"socket,id=vu{i},path={disk.socket}"]
+            args += ["-device", f"{disk.device},chardev=vu{i}" + _props(disk.properties)]
+        elif isinstance(disk, VhostUserBlk):
             chardev = f"socket,id=vu{i},path={disk.socket}"
             if disk.reconnect is not None:
                 chardev += f",reconnect={disk.reconnect}"
@@ -293,7 +306,8 @@ class QemuGuest(QemuProcess):
         self.memory_mib = memory_mib
         self.append = [*DEFAULT_APPEND, *append]
         if not any(a.startswith("rigs.disks=") for a in self.append):
-            count = len(self.disks) if wait_disks is None else wait_disks
+            blocks = [d for d in self.disks if not isinstance(d, VhostUserDevice)]
+            count = len(blocks) if wait_disks is None else wait_disks
             self.append.append(f"rigs.disks={count}")
         self.no_reboot = no_reboot
         self.extra_args = list(extra_args)

@@ -34,7 +34,7 @@ class RngDevice(VirtioDevice):
         source: str = "/dev/urandom",
         period: float | None = None,
         max_bytes: int | None = None,
-        queue_size: int = 128,
+        queue_size: int = 1024,
     ) -> None:
         if (period is None) != (max_bytes is None):
             raise ValueError("a rate limit needs both a period and a number of bytes")

@@ -108,6 +108,8 @@ class VhostUserSession:
 
     def __init__(self, device: VirtioDevice, *, protocol_features: int = PROTOCOL_FEATURES) -> None:
         self.device = device
+        if not device.config_bytes():  # nothing to read: do not make QEMU warn about CONFIG
+            protocol_features &= ~bit(ProtocolFeature.CONFIG)
         self.offered_protocol_features = protocol_features
         self.protocol_features = 0
         self.features = 0
