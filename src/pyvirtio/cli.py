@@ -475,24 +475,17 @@ def run_rng(args: argparse.Namespace) -> int:
     from pyvirtio.devices.rng import RngDevice
 
     period = args.period / 1000 if args.period is not None else None
-    made: list[RngDevice] = []
 
     def new_device() -> RngDevice:
-        device = RngDevice(source=args.filename, period=period, max_bytes=args.max_bytes)
-        made.append(device)
-        return device
+        return RngDevice(source=args.filename, period=period, max_bytes=args.max_bytes)
 
     try:
-        new_device()  # checks the options and the source
+        new_device().close()  # checks the options and the source
     except OSError as exc:
         raise UsageError(f"{args.filename}: {exc.strerror}") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        _serve_vhost_user(args, new_device, f"entropy from {args.filename}")
-    finally:
-        for device in made:
-            device.close()
+    _serve_vhost_user(args, new_device, f"entropy from {args.filename}")
     return 0
 
 
@@ -531,7 +524,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return device
 
     try:
-        new_device()
+        new_device().close()
     except Exception as exc:
         raise UsageError(f"{args.device}({kwargs}): {exc}") from None
     _serve_vhost_user(args, new_device, args.device)

@@ -65,6 +65,10 @@ class QueueHost(Protocol):
     def stop(self, index: int) -> None:
         """Return once no thread uses queue ``index``; it stays unused until :meth:`start`."""
 
+    def notify(self, index: int) -> None:
+        """Drain queue ``index`` soon, as if the driver had notified it (the device has work
+        for buffers the driver already gave: data from the host for a receive queue)."""
+
 
 class _Unattached:
     def queue_interrupt(self, queue: int) -> None:
@@ -77,11 +81,18 @@ class _Unattached:
 class _CallerThread:
     """Queues processed in the thread that notifies (the synchronous in-process shim)."""
 
+    def __init__(self, device: VirtioDevice | None = None) -> None:
+        self.device = device
+
     def start(self, index: int) -> None:
         pass
 
     def stop(self, index: int) -> None:
         pass
+
+    def notify(self, index: int) -> None:
+        if self.device is not None:
+            self.device.process_queue(index)
 
 
 class DeviceError(Exception):
@@ -104,7 +115,7 @@ class VirtioDevice:
             raise ValueError("a device needs at least one queue")
         self.queues = [SplitQueue(i, queue_size) for i in range(num_queues)]
         self._events: DeviceEvents = _Unattached()
-        self._host: QueueHost = _CallerThread()
+        self._host: QueueHost = _CallerThread(self)
         self._memory: GuestMemory | None = None
         self._offered = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
         self._driver_features = 0
@@ -151,6 +162,16 @@ class VirtioDevice:
     def housekeeping(self) -> None:
         """Called about once a second by a shim: look for host-side changes."""
 
+    def has_work(self, queue: SplitQueue) -> bool:
+        """Whether to take buffers from ``queue`` now. A queue whose buffers the device fills
+        when the host has something for the driver (a receive queue) says no while it has
+        nothing, and calls :meth:`notify_queue` when it has."""
+        return True
+
+    def close(self) -> None:
+        """The device will not be used again: release what it holds on the host (threads,
+        sockets). Called by the shim that made it, after its last reset."""
+
     # -- what the device is attached to ------------------------------------------------------
 
     def attach(self, events: DeviceEvents, host: QueueHost | None = None) -> None:
@@ -158,7 +179,7 @@ class VirtioDevice:
         (None: the thread that notifies)."""
         with self._control:
             self._events = events
-            self._host = host if host is not None else _CallerThread()
+            self._host = host if host is not None else _CallerThread(self)
 
     @property
     def memory(self) -> GuestMemory | None:
@@ -441,6 +462,10 @@ class VirtioDevice:
 
     # -- queue processing (the data path: workers, never under ``_control``) -------------------
 
+    def notify_queue(self, index: int) -> None:
+        """The device has work for queue ``index``'s buffers: have it drained soon."""
+        self._host.notify(index)
+
     def wait_unless_stopping(self, index: int, seconds: float) -> bool:
         """For a device whose request must wait (a rate limit): sleep up to ``seconds``, and
         return True at once if queue ``index``'s worker is being stopped meanwhile (a reset
@@ -486,7 +511,9 @@ class VirtioDevice:
         try:
             queue.disable_notifications()
             while True:
-                while not stopping() and (chain := queue.pop()) is not None:
+                while (
+                    not stopping() and self.has_work(queue) and (chain := queue.pop()) is not None
+                ):
                     if (
                         executor is not None
                         and len(pending) < limit
@@ -504,7 +531,10 @@ class VirtioDevice:
                     chain, future = pending.popleft()
                     self._complete(queue, chain, future.result())
                     continue
-                if stopping() or not queue.enable_notifications():
+                if stopping() or not self.has_work(queue):
+                    queue.enable_notifications()  # the driver's next buffers will kick
+                    break
+                if not queue.enable_notifications():
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:

@@ -88,6 +88,7 @@ class InProcessMachine:
         if self.runner is not None:
             self.runner.close()
         self.device.set_memory(None)
+        self.device.close()
         for fd in self.ram_fds:
             os.close(fd)
         self.ram_fds = []

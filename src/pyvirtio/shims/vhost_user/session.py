@@ -505,3 +505,4 @@ class VhostUserSession:
             channel, self.backend_channel = self.backend_channel, None
         if channel is not None:
             channel.close()
+        self.device.close()

@@ -336,6 +336,7 @@ class XenBackendDaemon:
         disk.device.reset()
         disk.runner.close()
         disk.device.set_memory(None)
+        disk.device.close()
         with contextlib.suppress(OSError):
             if not disk.image.read_only:
                 disk.image.flush()
