@@ -14,9 +14,10 @@ through the :class:`DeviceEvents` it is attached to, and it has its queues serve
 deactivates or remaps a ring it asks the host to stop using it, so no worker ever runs on a ring
 that is gone.
 
-Two locks: ``_control`` serialises control operations (a reset waits for the queues' workers
-while holding it) and is never taken on the data path; ``_state`` guards the status bits and is
-only held for a few instructions, so that a worker can always report a broken ring.
+Two locks: ``__control`` serialises control operations (a reset waits for the queues' workers
+while holding it) and is never taken on the data path; ``__state`` guards the status bits and
+is only held for a few instructions, so that a worker can always report a broken ring. The
+model's own state is name-mangled (``__``): a device subclass cannot clobber it by accident.
 """
 
 from __future__ import annotations
@@ -114,19 +115,19 @@ class VirtioDevice:
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self.queues = [SplitQueue(i, queue_size) for i in range(num_queues)]
-        self._events: DeviceEvents = _Unattached()
-        self._host: QueueHost = _CallerThread(self)
-        self._memory: GuestMemory | None = None
-        self._offered = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
-        self._driver_features = 0
-        self._status = DeviceStatus(0)
-        self._config_generation = 0
+        self.__events: DeviceEvents = _Unattached()
+        self.__host: QueueHost = _CallerThread(self)
+        self.__memory: GuestMemory | None = None
+        self.__offered = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
+        self.__driver_features = 0
+        self.__status = DeviceStatus(0)
+        self.__config_generation = 0
         self.broken: str | None = None
-        self._executor: Executor | None = None
-        self._parallel_requests = 1
-        self._stop_events: dict[int, threading.Event] = {}
-        self._control = threading.RLock()
-        self._state = threading.Lock()
+        self.__executor: Executor | None = None
+        self.__parallel_requests = 1
+        self.__stop_events: dict[int, threading.Event] = {}
+        self.__control = threading.RLock()
+        self.__state = threading.Lock()
 
     # -- hooks for concrete devices ------------------------------------------------------------
 
@@ -177,77 +178,77 @@ class VirtioDevice:
     def attach(self, events: DeviceEvents, host: QueueHost | None = None) -> None:
         """Connect the device to its shim: where interrupts go, and who runs the queues
         (None: the thread that notifies)."""
-        with self._control:
-            self._events = events
-            self._host = host if host is not None else _CallerThread(self)
+        with self.__control:
+            self.__events = events
+            self.__host = host if host is not None else _CallerThread(self)
 
     @property
     def memory(self) -> GuestMemory | None:
-        return self._memory
+        return self.__memory
 
     def set_memory(self, memory: GuestMemory | None) -> None:
         """Guest memory for the rings and buffers. While queues run, only inside
         :meth:`queues_paused` (their rings are remapped on the way out)."""
-        with self._control:
+        with self.__control:
             if any(q.active for q in self.queues):
                 raise RuntimeError("guest memory replaced under running queues")
-            self._memory = memory
+            self.__memory = memory
 
     def change_offer(self, *, add: int = 0, remove: int = 0) -> None:
         """Offer more (or fewer) features than the device type does: a transport withholding
         VERSION_1 (legacy virtio-mmio) or a shim offering ACCESS_PLATFORM. Only before the
         driver looks at the device."""
-        with self._control:
-            if self._status:
+        with self.__control:
+            if self.__status:
                 raise RuntimeError("features changed while a driver uses the device")
-            self._offered = (self._offered | add) & ~remove
+            self.__offered = (self.__offered | add) & ~remove
 
     def use_executor(self, executor: Executor | None, parallel_requests: int = 1) -> None:
         """Copy requests of at least ``parallel_threshold`` bytes on ``executor``, up to
         ``parallel_requests`` of one queue at a time, while the queue's own thread goes on."""
         if parallel_requests < 1:
             raise ValueError("parallel_requests must be at least 1")
-        with self._control:
-            self._executor = executor
-            self._parallel_requests = parallel_requests
+        with self.__control:
+            self.__executor = executor
+            self.__parallel_requests = parallel_requests
 
     # -- features and status -------------------------------------------------------------------
 
     @property
     def offered_features(self) -> int:
-        return self._offered
+        return self.__offered
 
     @property
     def driver_features(self) -> int:
-        return self._driver_features
+        return self.__driver_features
 
     @property
     def status(self) -> DeviceStatus:
-        return self._status
+        return self.__status
 
     @property
     def config_generation(self) -> int:
-        return self._config_generation
+        return self.__config_generation
 
     def negotiated(self, feature: int) -> bool:
-        return has(self._driver_features, feature)
+        return has(self.__driver_features, feature)
 
     def set_driver_features(self, features: int) -> None:
         """A driver write to the driver features (virtio-mmio); final at FEATURES_OK."""
-        with self._control:
-            if self._status & DeviceStatus.FEATURES_OK:
+        with self.__control:
+            if self.__status & DeviceStatus.FEATURES_OK:
                 log.warning("driver wrote features after FEATURES_OK; ignored")
                 return
-            self._driver_features = features
+            self.__driver_features = features
 
-    def _features_problem(self, features: int, *, modern: bool) -> str | None:
+    def __features_problem(self, features: int, *, modern: bool) -> str | None:
         """Why the features cannot be used (§3.1.1 step 5), or None."""
-        extra = features & ~self._offered
+        extra = features & ~self.__offered
         if extra:
             return f"driver accepted features {extra:#x} that were not offered"
         if (
             modern
-            and has(self._offered, Feature.VERSION_1)
+            and has(self.__offered, Feature.VERSION_1)
             and not has(features, Feature.VERSION_1)
         ):
             return "driver did not accept VERSION_1 on a modern transport"
@@ -259,44 +260,44 @@ class VirtioDevice:
         vhost-user has no status register; accepting the features stands for FEATURES_OK.
         Raises FeatureError for features that were not offered or that the device refuses.
         """
-        with self._control:
-            why = self._features_problem(features, modern=False)
+        with self.__control:
+            why = self.__features_problem(features, modern=False)
             if why is not None:
                 raise FeatureError(why)
-            self._driver_features = features
-            with self._state:
-                self._status |= _NEGOTIATED
+            self.__driver_features = features
+            with self.__state:
+                self.__status |= _NEGOTIATED
             self.on_features()
 
     def set_status(self, value: int) -> None:
         """A driver write to the status field (§2.1, §3.1.1); 0 resets the device."""
-        with self._control:
+        with self.__control:
             if value == 0:
                 self.reset()
                 return
             new = DeviceStatus(value & 0xFF)
-            old = self._status
+            old = self.__status
             if old & ~new & ~DeviceStatus.NEEDS_RESET:
                 log.warning("driver cleared status bits %s without a reset", old & ~new)
             if new & DeviceStatus.FEATURES_OK and not old & DeviceStatus.FEATURES_OK:
-                why = self._features_problem(self._driver_features, modern=True)
+                why = self.__features_problem(self.__driver_features, modern=True)
                 if why is not None:
                     log.warning("refusing FEATURES_OK: %s", why)
                     new &= ~DeviceStatus.FEATURES_OK
                 else:
                     self.on_features()
-            with self._state:
-                self._status = new | (self._status & DeviceStatus.NEEDS_RESET)
+            with self.__state:
+                self.__status = new | (self.__status & DeviceStatus.NEEDS_RESET)
             if new & DeviceStatus.DRIVER_OK and not old & DeviceStatus.DRIVER_OK:
-                self._driver_ok()
+                self.__driver_ok()
 
-    def _driver_ok(self) -> None:
-        if self._memory is None:
+    def __driver_ok(self) -> None:
+        if self.__memory is None:
             self.fail("DRIVER_OK without guest memory")
             return
         for queue in self.queues:
             if queue.ready and not queue.active:
-                self._activate(queue.index)
+                self.__activate(queue.index)
 
     def reset(self) -> None:
         """Device reset (§2.1.2, §2.4): back to the state before the driver found it.
@@ -305,54 +306,54 @@ class VirtioDevice:
         driver's write of 0 to the status waits for it), and nothing of the old rings is
         touched afterwards.
         """
-        with self._control:
+        with self.__control:
             for queue in self.queues:
-                self._host.stop(queue.index)
+                self.__host.stop(queue.index)
                 queue.deactivate()
                 queue.reset()
-            self._driver_features = 0
-            with self._state:
-                self._status = DeviceStatus(0)
+            self.__driver_features = 0
+            with self.__state:
+                self.__status = DeviceStatus(0)
                 self.broken = None
             self.on_reset()
 
     def fail(self, reason: str) -> None:
         """The driver broke a rule we cannot recover from: set NEEDS_RESET and tell it (§2.1.2)."""
-        with self._state:
+        with self.__state:
             if self.broken is None:
                 log.error("device needs reset: %s", reason)
                 self.broken = reason
-            self._status |= DeviceStatus.NEEDS_RESET
-            live = bool(self._status & DeviceStatus.DRIVER_OK)
+            self.__status |= DeviceStatus.NEEDS_RESET
+            live = bool(self.__status & DeviceStatus.DRIVER_OK)
         if live:
-            self._events.config_interrupt()
+            self.__events.config_interrupt()
 
     # -- queues --------------------------------------------------------------------------------
 
     def configure_queue(self, index: int, layout: QueueLayout) -> None:
         """Size and ring addresses of a queue that is not running (raises VirtqueueError)."""
-        with self._control:
+        with self.__control:
             self.queues[index].configure(layout)
 
     def attach_inflight(self, index: int, region: InflightRegion | None) -> None:
         """In-flight tracking for a queue that is not running (vhost-user INFLIGHT_SHMFD)."""
-        with self._control:
+        with self.__control:
             self.queues[index].attach_inflight(region)
 
     def enable_queue(self, index: int) -> None:
         """The driver made the queue ready (QueueReady=1); it runs from DRIVER_OK on."""
-        with self._control:
+        with self.__control:
             queue = self.queues[index]
             if queue.ready:
                 return
             queue.ready = True
-            if self._status & DeviceStatus.DRIVER_OK and self.broken is None:
-                self._activate(index)
+            if self.__status & DeviceStatus.DRIVER_OK and self.broken is None:
+                self.__activate(index)
 
     def disable_queue(self, index: int) -> None:
         """The driver took the queue back (QueueReady=0): its worker stops, then the rings go."""
-        with self._control:
-            self._host.stop(index)
+        with self.__control:
+            self.__host.stop(index)
             queue = self.queues[index]
             queue.deactivate()
             queue.ready = False
@@ -365,30 +366,30 @@ class VirtioDevice:
         ``used_idx=None`` resumes the used ring where guest memory says it is. vhost-user has
         no status register: a started ring means the driver is live. Raises VirtqueueError.
         """
-        with self._control:
+        with self.__control:
             queue = self.queues[index]
             if queue.active:
                 raise VirtqueueError(f"queue {index} is already running")
-            if self._memory is None:
+            if self.__memory is None:
                 raise VirtqueueError(f"queue {index}: no guest memory")
             queue.configure(layout)
             queue.ready = True
-            with self._state:
-                self._status |= _NEGOTIATED | DeviceStatus.DRIVER_OK
-            self._activate(index, last_avail_idx, used_idx, raise_errors=True)
+            with self.__state:
+                self.__status |= _NEGOTIATED | DeviceStatus.DRIVER_OK
+            self.__activate(index, last_avail_idx, used_idx, raise_errors=True)
 
     def stop_queue(self, index: int) -> int:
         """Stop a ring (vhost-user GET_VRING_BASE): its worker first, then the rings.
         Returns where the driver's next available buffer is (``last_avail_idx``)."""
-        with self._control:
-            self._host.stop(index)
+        with self.__control:
+            self.__host.stop(index)
             queue = self.queues[index]
             last = queue.last_avail_idx
             queue.deactivate()
             queue.ready = False
             return last
 
-    def _activate(
+    def __activate(
         self,
         index: int,
         last_avail_idx: int = 0,
@@ -397,10 +398,10 @@ class VirtioDevice:
         raise_errors: bool = False,
     ) -> None:
         queue = self.queues[index]
-        assert self._memory is not None
+        assert self.__memory is not None
         try:
             queue.activate(
-                self._memory,
+                self.__memory,
                 event_idx=self.negotiated(Feature.RING_EVENT_IDX),
                 indirect=self.negotiated(Feature.RING_INDIRECT_DESC),
                 last_avail_idx=last_avail_idx,
@@ -411,7 +412,7 @@ class VirtioDevice:
                 raise
             self.fail(str(exc))
             return
-        self._host.start(index)
+        self.__host.start(index)
 
     @contextmanager
     def queues_paused(self) -> Iterator[None]:
@@ -421,21 +422,21 @@ class VirtioDevice:
         mappings) and the queues may be configured anew (:meth:`configure_queue`). Each queue
         resumes where it stopped; one whose rings no longer map makes the device need a reset.
         """
-        with self._control:
+        with self.__control:
             paused: list[tuple[int, int]] = []
             for queue in self.queues:
                 if queue.active:
-                    self._host.stop(queue.index)
+                    self.__host.stop(queue.index)
                     paused.append((queue.index, queue.last_avail_idx))
                     queue.deactivate()
             try:
                 yield
             finally:
                 for index, last in paused:
-                    if self._memory is None:
+                    if self.__memory is None:
                         self.fail(f"queue {index}: guest memory went away")
                     elif self.queues[index].ready:
-                        self._activate(index, last, None)
+                        self.__activate(index, last, None)
 
     # -- config space --------------------------------------------------------------------------
 
@@ -446,7 +447,7 @@ class VirtioDevice:
         return data + bytes(size - len(data))
 
     def write_config(self, offset: int, data: bytes) -> None:
-        with self._control:
+        with self.__control:
             if offset < 0 or offset + len(data) > len(self.config_bytes()):
                 log.warning("config write outside config space at %#x ignored", offset)
                 return
@@ -454,34 +455,34 @@ class VirtioDevice:
 
     def config_changed(self) -> None:
         """The device changed its config: bump the generation (§2.5.1) and interrupt."""
-        with self._state:
-            self._config_generation = (self._config_generation + 1) & 0xFFFFFFFF
-            live = bool(self._status & DeviceStatus.DRIVER_OK)
+        with self.__state:
+            self.__config_generation = (self.__config_generation + 1) & 0xFFFFFFFF
+            live = bool(self.__status & DeviceStatus.DRIVER_OK)
         if live:
-            self._events.config_interrupt()
+            self.__events.config_interrupt()
 
-    # -- queue processing (the data path: workers, never under ``_control``) -------------------
+    # -- queue processing (the data path: workers, never under ``__control``) ------------------
 
     def notify_queue(self, index: int) -> None:
         """The device has work for queue ``index``'s buffers: have it drained soon."""
-        self._host.notify(index)
+        self.__host.notify(index)
 
     def wait_unless_stopping(self, index: int, seconds: float) -> bool:
         """For a device whose request must wait (a rate limit): sleep up to ``seconds``, and
         return True at once if queue ``index``'s worker is being stopped meanwhile (a reset
         must not wait for it)."""
-        stop = self._stop_events.get(index)
+        stop = self.__stop_events.get(index)
         if stop is None:
             time.sleep(seconds)
             return False
         return stop.wait(seconds)
 
-    def _complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
+    def __complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
         if chain.held:
-            self._release(chain)
+            self.__release(chain)
         queue.push(chain.head, written)
 
-    def _release(self, chain: DescriptorChain) -> None:
+    def __release(self, chain: DescriptorChain) -> None:
         """Unmap what was mapped for ``chain`` alone before the driver sees it completed (a
         Xen guest may revoke its grants as soon as it does)."""
         if not chain.release():
@@ -502,10 +503,10 @@ class VirtioDevice:
         if not queue.active or self.broken is not None:
             return
         if stop is not None:
-            self._stop_events[index] = stop
-        executor = self._executor
+            self.__stop_events[index] = stop
+        executor = self.__executor
         threshold = self.parallel_threshold
-        limit = self._parallel_requests
+        limit = self.__parallel_requests
         pending: deque[tuple[DescriptorChain, Future[int]]] = deque()
         stopping = stop.is_set if stop is not None else lambda: False
         try:
@@ -521,15 +522,15 @@ class VirtioDevice:
                     ):
                         pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
                         continue
-                    self._complete(queue, chain, self.handle_chain(queue, chain))
+                    self.__complete(queue, chain, self.handle_chain(queue, chain))
                     while pending and pending[0][1].done():
                         chain, future = pending.popleft()
-                        self._complete(queue, chain, future.result())
+                        self.__complete(queue, chain, future.result())
                 if queue.publish():
-                    self._events.queue_interrupt(index)
+                    self.__events.queue_interrupt(index)
                 if pending:
                     chain, future = pending.popleft()
-                    self._complete(queue, chain, future.result())
+                    self.__complete(queue, chain, future.result())
                     continue
                 if stopping() or not self.has_work(queue):
                     queue.enable_notifications()  # the driver's next buffers will kick
@@ -541,5 +542,5 @@ class VirtioDevice:
             for _, future in pending:  # they write guest memory: let them finish first
                 future.exception()
             if queue.publish():
-                self._events.queue_interrupt(index)
+                self.__events.queue_interrupt(index)
             self.fail(str(exc))

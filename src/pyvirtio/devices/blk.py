@@ -218,7 +218,7 @@ class BlkDevice(VirtioDevice):
         else:
             status = last[-1:]
             data_in = [*writable[:-1], last[:-1]]
-        header = _take_header(chain.readable, chain.read_len)
+        header = chain.take_readable(_HEADER_SIZE)
         if header is None:
             self._errors.warning(
                 "queue %d head %d: request header is %d bytes, not 16",
@@ -228,7 +228,8 @@ class BlkDevice(VirtioDevice):
             )
             status[0] = _S_IOERR
             return chain.write_len
-        (req_type, _, sector), data_out = header
+        req_type, _, sector = REQ_HEADER.unpack(header[0])
+        data_out = header[1]
         try:
             status[0] = self._execute(
                 req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1
@@ -336,30 +337,3 @@ class BlkDevice(VirtioDevice):
                     offset, length, unmap=bool(flags & WRITE_ZEROES_FLAG_UNMAP), dsync=self._dsync
                 )
         return _S_OK
-
-
-def _take_header(
-    readable: list[memoryview], read_len: int
-) -> tuple[tuple[int, int, int], list[memoryview]] | None:
-    """The request header (type, ioprio, sector) and the views after it; None if the
-    readable part is shorter than a header. Copies the 16 header bytes and nothing else,
-    however the guest split them across descriptors."""
-    if read_len < _HEADER_SIZE:
-        return None
-    first = readable[0]
-    if len(first) >= _HEADER_SIZE:
-        rest = readable[1:]
-        if len(first) > _HEADER_SIZE:
-            rest.insert(0, first[_HEADER_SIZE:])
-        return REQ_HEADER.unpack_from(first), rest
-    header = bytearray()
-    for i, view in enumerate(readable):
-        need = _HEADER_SIZE - len(header)
-        if len(view) >= need:
-            header += view[:need]
-            rest = readable[i + 1 :]
-            if len(view) > need:
-                rest.insert(0, view[need:])
-            return REQ_HEADER.unpack(header), rest
-        header += view
-    return None  # the views fell short of read_len (a fault): no header

@@ -54,6 +54,31 @@ class DescriptorChain:
     #: Mappings made for this chain alone (Xen grants), closed when it completes.
     held: list[Transient] = field(default_factory=list)
 
+    def take_readable(self, size: int) -> tuple[bytes, list[memoryview]] | None:
+        """The first ``size`` bytes of the readable part (a header), copied, and views of the
+        rest; None if the readable part is shorter. Only ``size`` bytes are copied, however
+        the driver split them across descriptors."""
+        readable = self.readable
+        if not readable or sum(len(v) for v in readable) < size:
+            return None
+        first = readable[0]
+        if len(first) >= size:
+            rest = readable[1:]
+            if len(first) > size:
+                rest.insert(0, first[size:])
+            return bytes(first[:size]), rest
+        head = bytearray()
+        for i, view in enumerate(readable):
+            need = size - len(head)
+            if len(view) >= need:
+                head += view[:need]
+                rest = readable[i + 1 :]
+                if len(view) > need:
+                    rest.insert(0, view[need:])
+                return bytes(head), rest
+            head += view
+        return None
+
     def release(self) -> bool:
         """Drop the views and close the chain's own mappings; False if one could not close
         (a view into it is still referenced somewhere)."""
