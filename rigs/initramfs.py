@@ -51,6 +51,7 @@ HOST_TOOLS = (
     "sync",
     "md5sum",
     "sha256sum",
+    "socat",
 )
 HOST_FILES = ("/etc/mke2fs.conf",)
 

@@ -22,7 +22,13 @@ from rigs.host import run
 META_PACKAGE = "linux-image-cloud-amd64"
 
 # Modules the guest needs, in the order they must end up loaded (dependencies are added).
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "ext4", "virtio_rng")
+GUEST_MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "ext4",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+)
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 

@@ -192,6 +192,36 @@ def _add_rng_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_vsock_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "vsock",
+        help="serve a virtio-vsock device over vhost-user (hybrid vsock on UNIX sockets)",
+        description=(
+            "Serve a virtio-vsock device whose host side is UNIX sockets, as Firecracker and "
+            "vhost-device-vsock do it. A host program connects to --uds-path and writes "
+            "'CONNECT <port>\\n' to reach the guest's vsock port (it reads 'OK <port>\\n' "
+            "first); a guest connection to the host (CID 2) on port P goes to the socket "
+            "<uds-path>_P. QEMU connects with -chardev socket,id=c0,path=PATH -device "
+            "vhost-user-vsock-pci,chardev=c0 (or vhost-user-vsock-device on virtio-mmio)."
+        ),
+    )
+    _add_vhost_user_options(p)
+    p.add_argument("--guest-cid", type=int, required=False, metavar="N", help="the guest's CID")
+    p.add_argument(
+        "--uds-path",
+        metavar="PATH",
+        help="where host programs connect, and the prefix of PATH_<port> for the guest's",
+    )
+    p.add_argument(
+        "--buf-alloc",
+        type=_size,
+        default=64 * 1024,
+        metavar="SIZE",
+        help="buffer space advertised to the guest per connection (default 64k): what waits "
+        "for a slow host program, at most",
+    )
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -336,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_blk_parser(sub)
     _add_rng_parser(sub)
+    _add_vsock_parser(sub)
     _add_serve_parser(sub)
     _add_xen_parser(sub)
     _add_bench_parser(sub)
@@ -489,6 +520,35 @@ def run_rng(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_vsock(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "vsock"}))
+        return 0
+    _check_vhost_user_args(args)
+    if args.guest_cid is None or args.uds_path is None:
+        raise UsageError("--guest-cid and --uds-path are required")
+    _setup_logging(args.verbose)
+    from pyvirtio.devices.vsock import VsockDevice
+    from pyvirtio.shims.vhost_user.server import SocketError, listening_socket
+
+    try:
+        with listening_socket(args.uds_path) as listener:
+
+            def new_device() -> VsockDevice:
+                return VsockDevice(
+                    args.guest_cid, args.uds_path, listener=listener, buf_alloc=args.buf_alloc
+                )
+
+            try:
+                new_device().close()
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            _serve_vhost_user(args, new_device, f"vsock for CID {args.guest_cid}")
+    except SocketError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def _literal(text: str) -> object:
     try:
         return ast.literal_eval(text)
@@ -638,6 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_blk(args)
         if args.command == "rng":
             return run_rng(args)
+        if args.command == "vsock":
+            return run_vsock(args)
         if args.command == "serve":
             return run_serve(args)
         if args.command == "xen":

@@ -362,10 +362,12 @@ class VsockDevice(VirtioDevice):
             return 0
         except OSError:
             count = -1
-        if count <= 0:  # the host side closed (or failed): tell the guest it is over
+        if count <= 0:  # the host program sends no more (or failed): tell the guest
             conn.host_eof = True
             conn.readable = False
-            op, flags = (VsockOp.SHUTDOWN, int(_BOTH)) if count == 0 else (VsockOp.RST, 0)
+            op, flags = (
+                (VsockOp.SHUTDOWN, int(ShutdownFlag.SEND)) if count == 0 else (VsockOp.RST, 0)
+            )
             if count < 0:
                 self._close(conn)
             _write(chain.writable, 0, self._header(conn.host_port, conn.guest_port, op, flags, 0))
