@@ -10,6 +10,7 @@ from fuzz.targets import CONN_MEMORY, FD_KINDS
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE
 from pyvirtio.spec.blk import REQ_HEADER
 from pyvirtio.spec.mmio import Reg
+from pyvirtio.spec.vsock import HEADER, HOST_CID, VsockOp, VsockType
 from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
@@ -40,6 +41,37 @@ def ring_blk() -> list[bytes]:
         seed[256:273] = bytes([0] + [QUEUE_SIZE] * 15 + [1])  # one head: 0
         payload = struct.pack("<QII", 8, 8, 0) if req_type in (11, 13) else b""
         REQ_HEADER.pack_into(seed, 1024, req_type, 0, 1)
+        seed[2048 : 2048 + len(payload)] = payload
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def ring_rng() -> list[bytes]:
+    """One and two device-writable buffers (an entropy request)."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    for chained in (False, True):
+        seed = bytearray(4200)
+        struct.pack_into("<QIHH", seed, 0, ram + 2048, 512, 2 | (1 if chained else 0), 1)
+        struct.pack_into("<QIHH", seed, 16, ram + 3072, 256, 2, 0)
+        seed[256:273] = bytes([0] + [QUEUE_SIZE] * 15 + [1])
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def ring_vsock() -> list[bytes]:
+    """Packets from the guest (CID 3) to the host: a connection request, data, a reset."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    for op, payload in ((VsockOp.REQUEST, b""), (VsockOp.RW, b"hello"), (VsockOp.RST, b"")):
+        seed = bytearray(4200)
+        struct.pack_into("<QIHH", seed, 0, ram + 1024, HEADER.size, 1 if payload else 0, 1)
+        struct.pack_into("<QIHH", seed, 16, ram + 2048, len(payload), 0, 0)
+        seed[256:273] = bytes([0] + [QUEUE_SIZE] * 15 + [1])
+        header = HEADER.pack(
+            3, HOST_CID, 1000, 5000, len(payload), VsockType.STREAM, op, 0, 65536, 0
+        )
+        seed[1024 : 1024 + len(header)] = header
         seed[2048 : 2048 + len(payload)] = payload
         seeds.append(bytes(seed))
     return seeds
@@ -135,6 +167,8 @@ def xen_config() -> list[bytes]:
 def main() -> None:
     for name, make in (
         ("ring_blk", ring_blk),
+        ("ring_rng", ring_rng),
+        ("ring_vsock", ring_vsock),
         ("vhost_user", vhost_user),
         ("vhost_user_conn", vhost_user_conn),
         ("mmio", mmio),

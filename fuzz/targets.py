@@ -1,9 +1,10 @@
 """Fuzz targets: each takes bytes from the fuzzer and raises only on a bug in pyvirtio.
 
-- ``ring_blk``: guest memory (descriptor table, available ring, requests) of a virtio-blk device
-  as the fuzzer writes it; the device drains the queue. Only the device's own error reporting
-  (NEEDS_RESET, status bytes) is allowed, never an exception, and nothing outside the used ring
-  and the device-writable buffers the chains named may change.
+- ``ring_blk``, ``ring_rng``, ``ring_vsock``: guest memory (descriptor table, available ring,
+  requests or packets) of a device's queue as the fuzzer writes it; the device drains the
+  queue. Only the device's own error reporting (NEEDS_RESET, status bytes, resets) is allowed,
+  never an exception, and nothing outside the used ring and the device-writable buffers the
+  chains named may change.
 - ``vhost_user``: a stream of vhost-user messages to a back-end session.
 - ``vhost_user_conn``: a connection to the vhost-user server: messages carrying real fds of
   every kind (eventfds, a semaphore eventfd, a pipe, /dev/zero, memfds too small, sealable or
@@ -24,13 +25,17 @@ import tempfile
 import threading
 from collections.abc import Callable
 
+from pyvirtio.device import VirtioDevice
 from pyvirtio.devices.blk import BlkDevice
+from pyvirtio.devices.rng import RngDevice
+from pyvirtio.devices.vsock import VsockDevice
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.vhost_user.server import VhostUserServer
 from pyvirtio.shims.vhost_user.session import VhostUserSession
 from pyvirtio.shims.xen.config import ConfigError, parse_disk
 from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import Reg
+from pyvirtio.spec.vsock import TX_QUEUE
 from pyvirtio.storage.raw import RawImage
 from pyvirtio.vhost_user.channel import send_message
 from pyvirtio.vhost_user.protocol import HEADER_SIZE, Message, ProtocolError, decode_header
@@ -44,22 +49,23 @@ _image_dir = tempfile.mkdtemp(prefix="pyvirtio-fuzz-")
 _image_path = os.path.join(_image_dir, "disk.img")
 with open(_image_path, "wb") as _f:
     _f.truncate(1 << 20)
+#: Where a guest's vsock connections would go: nothing listens there.
+_vsock_prefix = os.path.join(_image_dir, "vsock")
 
 
-class _RecordingBlk(BlkDevice):
-    """virtio-blk that remembers every device-writable descriptor it was given."""
+def _ring(data: bytes, device: VirtioDevice, queue_index: int) -> None:
+    """Guest memory as the fuzzer writes it, for queue ``queue_index`` of ``device``: the
+    device drains the queue; only the device's own error reporting (NEEDS_RESET, statuses)
+    is allowed, never an exception, and nothing outside the used ring and the
+    device-writable buffers the chains named may change."""
+    writable_ranges: list[tuple[int, int]] = []
+    handle = device.handle_chain
 
-    writable_ranges: list[tuple[int, int]]
+    def recording(queue: SplitQueue, chain: DescriptorChain) -> int:
+        writable_ranges.extend((a, n) for a, n, f in chain.descriptors if f & 2)
+        return handle(queue, chain)
 
-    def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
-        self.writable_ranges += [(a, n) for a, n, f in chain.descriptors if f & 2]
-        return super().handle_chain(queue, chain)
-
-
-def ring_blk(data: bytes) -> None:
-    image = RawImage(_image_path)
-    device = _RecordingBlk(image, queue_size=QUEUE_SIZE)
-    device.writable_ranges = []
+    device.handle_chain = recording  # type: ignore[method-assign]
     machine = InProcessMachine(device, memory_size=MEMORY)
     memory = machine.memory
     region = next(iter(memory))
@@ -67,7 +73,7 @@ def ring_blk(data: bytes) -> None:
     drv.negotiate(
         bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
     )
-    q = drv.setup_queues(1, [QUEUE_SIZE])[0]
+    q = drv.setup_queues(len(device.queues), [QUEUE_SIZE] * len(device.queues))[queue_index]
     drv.driver_ok()
     # The fuzzer's bytes become the descriptor table, the available ring and the rest of RAM.
     blob = data[: MEMORY - 8192]
@@ -81,21 +87,37 @@ def ring_blk(data: bytes) -> None:
     q.publish_heads([h % (QUEUE_SIZE + 1) for h in heads])
     before = bytes(region.view)
     try:
-        drv.notify(0)
+        drv.notify(queue_index)
     finally:
         machine.close()
-        image.close()
     after = bytes(region.view)
     if before == after:
         return
     allowed = [(q.used_addr - GUEST_RAM_BASE, 6 + 8 * QUEUE_SIZE)]
-    allowed += [(a - GUEST_RAM_BASE, n) for a, n in device.writable_ranges]
+    allowed += [(a - GUEST_RAM_BASE, n) for a, n in writable_ranges]
     for block in range(0, MEMORY, 256):
         if before[block : block + 256] == after[block : block + 256]:
             continue
         for offset in range(block, block + 256):
             if before[offset] != after[offset] and not any(s <= offset < s + n for s, n in allowed):
                 raise AssertionError(f"device wrote guest memory at {offset:#x} it was not given")
+
+
+def ring_blk(data: bytes) -> None:
+    image = RawImage(_image_path)
+    try:
+        _ring(data, BlkDevice(image, queue_size=QUEUE_SIZE), 0)
+    finally:
+        image.close()
+
+
+def ring_rng(data: bytes) -> None:
+    _ring(data, RngDevice(source=_image_path, queue_size=QUEUE_SIZE), 0)
+
+
+def ring_vsock(data: bytes) -> None:
+    """The transmit queue: packets from the guest (headers, payloads, ops, ports)."""
+    _ring(data, VsockDevice(3, _vsock_prefix, queue_size=QUEUE_SIZE), TX_QUEUE)
 
 
 def vhost_user(data: bytes) -> None:
@@ -264,6 +286,8 @@ def xen_config(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "ring_blk": ring_blk,
+    "ring_rng": ring_rng,
+    "ring_vsock": ring_vsock,
     "vhost_user": vhost_user,
     "vhost_user_conn": vhost_user_conn,
     "mmio": mmio,
