@@ -37,7 +37,7 @@ test: deps venv lint
 # Long fuzzing runs: FUZZ_TIME seconds per target, corpora kept in out/fuzz/<target>.
 FUZZ_TIME ?= 600
 fuzz: venv
-	for t in ring_blk ring_rng ring_vsock vhost_user vhost_user_conn mmio xen_config; do \
+	for t in $(notdir $(wildcard fuzz/seeds/*)); do \
 		mkdir -p out/fuzz/$$t && cp -n fuzz/seeds/$$t/* out/fuzz/$$t/; \
 		$(PY) -m fuzz.run $$t -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 \
 			-artifact_prefix=out/fuzz/crash-$$t- out/fuzz/$$t || exit 1; \

@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "15"))
 
 
-@pytest.mark.parametrize(
-    "target", ["ring_blk", "vhost_user", "vhost_user_conn", "mmio", "xen_config"]
-)
+TARGETS = sorted(p.name for p in (ROOT / "fuzz" / "seeds").iterdir())  # each has seeds
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_target(target: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     shutil.copytree(ROOT / "fuzz" / "seeds" / target, corpus)
