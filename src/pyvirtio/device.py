@@ -153,6 +153,16 @@ class VirtioDevice:
         """
         raise NotImplementedError
 
+    def handle_chains(
+        self, queue: SplitQueue, chain: DescriptorChain
+    ) -> list[tuple[DescriptorChain, int]]:
+        """Handle ``chain``, taking more of the queue's chains with ``queue.pop()`` when one
+        request needs several (virtio-net's mergeable receive buffers). Returns every chain
+        taken with the bytes written to it, in the order the driver must see them; an empty
+        list means that the device gave the chains back (``queue.unpop()``) and waits for the
+        driver's next buffers. The default handles one chain with :meth:`handle_chain`."""
+        return [(chain, self.handle_chain(queue, chain))]
+
     def on_features(self) -> None:
         """The driver's features are final: at FEATURES_OK on virtio-mmio, at every
         SET_FEATURES on vhost-user (before any ring of the device runs)."""
@@ -512,6 +522,7 @@ class VirtioDevice:
         try:
             queue.disable_notifications()
             while True:
+                starved = False
                 while (
                     not stopping() and self.has_work(queue) and (chain := queue.pop()) is not None
                 ):
@@ -522,7 +533,12 @@ class VirtioDevice:
                     ):
                         pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
                         continue
-                    self.__complete(queue, chain, self.handle_chain(queue, chain))
+                    done = self.handle_chains(queue, chain)
+                    if not done:
+                        starved = True
+                        break
+                    for taken, written in done:
+                        self.__complete(queue, taken, written)
                     while pending and pending[0][1].done():
                         chain, future = pending.popleft()
                         self.__complete(queue, chain, future.result())
@@ -535,7 +551,7 @@ class VirtioDevice:
                 if stopping() or not self.has_work(queue):
                     queue.enable_notifications()  # the driver's next buffers will kick
                     break
-                if not queue.enable_notifications():
+                if not queue.enable_notifications(new_only=starved):
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:

@@ -20,6 +20,7 @@ from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserDriver
 from pyvirtio.driver.vhost_user_frontend import FrontendError, VhostUserFrontend
+from pyvirtio.runner import drain_eventfd
 from pyvirtio.shims.vhost_user.server import VhostUserServer, listening_socket
 from pyvirtio.spec.blk import BlkRequestType, BlkStatus
 from pyvirtio.spec.ids import DeviceId
@@ -115,7 +116,9 @@ def test_io_through_vhost_user(server: Served) -> None:
     data = os.urandom(300 * 1024)
     drv.write(8, data, queue=1)
     assert drv.read(8, len(data), queue=0) == data
-    assert transport.interrupts > 0
+    # The device signalled its call eventfds (the driver may not have needed to wait on them).
+    pending = [drain_eventfd(fd) for fd in transport.call_fds]
+    assert transport.interrupts > 0 or any(pending)
     transport.close()
 
 

@@ -271,6 +271,16 @@ class SplitQueue:
             self.inflight.begin(head)
         return self._walk(head)
 
+    def unpop(self, chains: list[DescriptorChain]) -> None:
+        """Give back the chains just popped (the last ones, in pop order): the device cannot use
+        them yet (a packet needs more buffers than the driver has given). They are popped again
+        later; their views are released now."""
+        if self.inflight is not None:
+            raise VirtqueueError(f"queue {self.index}: chains given back under in-flight tracking")
+        for chain in reversed(chains):
+            chain.release()
+            self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
     def _walk(self, head: int) -> DescriptorChain:
         size = self.size
         if head >= size:
@@ -425,13 +435,20 @@ class SplitQueue:
             assert used16 is not None
             used16[0] = ring.UsedFlag.NO_NOTIFY
 
-    def enable_notifications(self) -> bool:
-        """Ask for kicks again; True if buffers arrived meanwhile (drain again)."""
+    def enable_notifications(self, *, new_only: bool = False) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (drain again).
+
+        ``new_only``: the device leaves buffers it has seen in the ring (too few for what it
+        has to put in them); it wants a kick, and True, only for buffers added after them.
+        """
         used16 = self._used16
         assert used16 is not None
+        seen = self._shadow_avail_idx
         if self.event_idx:
-            used16[2 + 4 * self.size] = self.last_avail_idx
+            used16[2 + 4 * self.size] = seen if new_only else self.last_avail_idx
         else:
             used16[0] = 0
         full_fence()
+        if new_only:
+            return self.avail_idx() != seen
         return self.has_available()
