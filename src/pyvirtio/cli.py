@@ -222,6 +222,30 @@ def _add_vsock_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_net_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "net",
+        help="serve a virtio-net device over vhost-user, on a TAP device or a pyvirtio switch",
+        description=(
+            "Serve a virtio-net device. QEMU connects with -chardev socket,id=c0,path=PATH "
+            "-netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0 (or "
+            "virtio-net-device on virtio-mmio). Frames go to a TAP device (--tap, which needs "
+            "CAP_NET_ADMIN to create) or to every other 'pyvirtio net' on the same --switch "
+            "NAME: a learning switch between guests, with no host networking."
+        ),
+    )
+    _add_vhost_user_options(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--tap", metavar="NAME", help="the TAP device (created if missing)")
+    where.add_argument("--switch", metavar="NAME", help="the pyvirtio switch to join")
+    p.add_argument(
+        "--mac",
+        metavar="MAC",
+        help="the MAC address in the device's config space (default: random, 52:54:00:...); "
+        "QEMU's virtio-net keeps its own",
+    )
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -367,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_blk_parser(sub)
     _add_rng_parser(sub)
     _add_vsock_parser(sub)
+    _add_net_parser(sub)
     _add_serve_parser(sub)
     _add_xen_parser(sub)
     _add_bench_parser(sub)
@@ -549,6 +574,35 @@ def run_vsock(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_net(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return 0
+    _check_vhost_user_args(args)
+    if args.tap is None and args.switch is None:
+        raise UsageError("one of --tap or --switch is required")
+    _setup_logging(args.verbose)
+    from pyvirtio.devices.net import NetDevice, parse_mac, random_mac
+    from pyvirtio.network.port import NetPort
+    from pyvirtio.network.switch import SwitchError, SwitchPort
+    from pyvirtio.network.tap import Tap, TapError
+
+    try:
+        mac = parse_mac(args.mac) if args.mac else random_mac()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        port: NetPort = Tap(args.tap) if args.tap else SwitchPort(args.switch)
+    except (TapError, SwitchError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        where = f"TAP {args.tap}" if args.tap else f"switch {args.switch}"
+        _serve_vhost_user(args, lambda: NetDevice(port, mac=mac), f"a network device on {where}")
+    finally:
+        port.close()
+    return 0
+
+
 def _literal(text: str) -> object:
     try:
         return ast.literal_eval(text)
@@ -700,6 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_rng(args)
         if args.command == "vsock":
             return run_vsock(args)
+        if args.command == "net":
+            return run_net(args)
         if args.command == "serve":
             return run_serve(args)
         if args.command == "xen":
