@@ -210,19 +210,25 @@ def _write_base_entries(
 
 
 def ensure_initramfs(
-    kernel: Kernel, tools: Iterable[str] = HOST_TOOLS, *, compress: bool = False
+    kernel: Kernel,
+    tools: Iterable[str] = HOST_TOOLS,
+    *,
+    compress: bool = False,
+    name: str = "initramfs",
 ) -> Path:
     """Build (or reuse) the cached base initramfs for ``kernel``; return its path.
 
     Uncompressed by default: the ~90 MB archive (fio's libraries) takes a TCG guest ~2.5 s
     longer per boot to gunzip than to copy. ``compress=True`` writes gzip (.cpio.gz).
+    ``name`` starts the cache file's name; building one removes older entries of that name
+    only, so archives of other names (another tool set) stay cached beside it.
     """
     modules = kernel.module_load_order()
     files = _host_files(tools)
     key = _cache_key(kernel, modules, files)
     suffix = ".cpio.gz" if compress else ".cpio"
     with build_lock() as root:
-        out = root / f"initramfs-{kernel.key}-{key}{suffix}"
+        out = root / f"{name}-{kernel.key}-{key}{suffix}"
         if out.is_file():
             return out
         with tempfile.NamedTemporaryFile(dir=root, prefix=".initramfs-", delete=False) as tmp:
@@ -233,7 +239,7 @@ def ensure_initramfs(
             tmp_path.rename(out)
         finally:
             tmp_path.unlink(missing_ok=True)
-        for stale in root.glob("initramfs-*.cpio*"):
+        for stale in root.glob(f"{name}-*.cpio*"):
             if stale != out:
                 stale.unlink(missing_ok=True)
         return out

@@ -28,6 +28,7 @@ GUEST_MODULES = (
     "ext4",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
 )
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")

@@ -70,7 +70,15 @@ class VhostUserDevice:
     properties: Mapping[str, str] = field(default_factory=dict)
 
 
-Disk = VhostUserBlk | QemuBlk | VhostUserDevice
+@dataclass(frozen=True)
+class VhostUserNet:
+    """A virtio-net NIC (QEMU's virtio-net-device with its MAC) on a vhost-user back-end."""
+
+    socket: Path
+    mac: str
+
+
+Disk = VhostUserBlk | QemuBlk | VhostUserDevice | VhostUserNet
 
 
 def _props(props: Mapping[str, object]) -> str:
@@ -84,6 +92,10 @@ def disk_args(disks: Sequence[Disk]) -> list[str]:
         if isinstance(disk, VhostUserDevice):
             args += ["-chardev", f"socket,id=vu{i},path={disk.socket}"]
             args += ["-device", f"{disk.device},chardev=vu{i}" + _props(disk.properties)]
+        elif isinstance(disk, VhostUserNet):
+            args += ["-chardev", f"socket,id=vu{i},path={disk.socket}"]
+            args += ["-netdev", f"vhost-user,id=net{i},chardev=vu{i}"]
+            args += ["-device", f"virtio-net-device,netdev=net{i},mac={disk.mac}"]
         elif isinstance(disk, VhostUserBlk):
             chardev = f"socket,id=vu{i},path={disk.socket}"
             if disk.reconnect is not None:
@@ -306,7 +318,7 @@ class QemuGuest(QemuProcess):
         self.memory_mib = memory_mib
         self.append = [*DEFAULT_APPEND, *append]
         if not any(a.startswith("rigs.disks=") for a in self.append):
-            blocks = [d for d in self.disks if not isinstance(d, VhostUserDevice)]
+            blocks = [d for d in self.disks if isinstance(d, VhostUserBlk | QemuBlk)]
             count = len(blocks) if wait_disks is None else wait_disks
             self.append.append(f"rigs.disks={count}")
         self.no_reboot = no_reboot

@@ -67,7 +67,8 @@ class XenTest:
     (``domu_run NAME SCRIPT ...`` picks one). ``backend`` is the command ``backend_start``
     runs (None: none is set); ``backend_ready`` a log line it waits for ("" = 3 s).
     ``domu_kernels`` maps a file name to a host kernel Image put at ``/domu/<name>`` in dom0
-    (``domu_kernel NAME`` in the dom0 script boots the domUs with it).
+    (``domu_kernel NAME`` in the dom0 script boots the domUs with it). ``domu_files`` are
+    more files for the domUs' initramfs (archive path -> contents, e.g. kexec and a kernel).
     """
 
     dom0_script: str
@@ -79,6 +80,7 @@ class XenTest:
     quiet: bool = True  # dom0 kernel "quiet"
     xen_args: tuple[str, ...] = ()  # appended to the hypervisor's command line
     domu_kernels: Mapping[str, Path] = field(default_factory=dict)
+    domu_files: Mapping[str, bytes] = field(default_factory=dict)
 
     def dom0_files(self, domu_initrd: Path) -> dict[str, bytes]:
         """The per-run archive for dom0 (path -> contents)."""
@@ -105,7 +107,10 @@ class XenTest:
             scripts[f"tests/{name}.sh"] = (SCRIPT_HEADER + body + "\n").encode()
         # The kernel cannot read a plain archive after a gzip one: append like to like.
         domu = make_initramfs_with(
-            rig.domu_initrd, scripts, workdir / "domu.cpio", compress=_gzipped(rig.domu_initrd)
+            rig.domu_initrd,
+            {**self.domu_files, **scripts},
+            workdir / "domu.cpio",
+            compress=_gzipped(rig.domu_initrd),
         )
         return make_initramfs_with(
             rig.dom0_initrd,

@@ -111,6 +111,7 @@ class Harness:
         no_reboot: bool = True,
         files: Mapping[str, bytes] | None = None,
         timeout: float = GUEST_TIMEOUT,
+        memory_mib: int = 512,
     ) -> QemuGuest:
         """Boot the guest in the background (killed at teardown); see :meth:`finish`."""
         guest = self.rig.guest(
@@ -118,6 +119,7 @@ class Harness:
             disks,
             workdir=self.tmp / name,
             smp=smp,
+            memory_mib=memory_mib,
             append=append,
             no_reboot=no_reboot,
             files=files,

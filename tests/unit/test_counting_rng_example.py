@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from examples.counting_rng import CountingRng
+
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.shims.inprocess import InProcessMachine
 

@@ -107,8 +107,16 @@ def test_rng_command_serves_over_vhost_user(tmp_path: Path) -> None:
     source.write_bytes(bytes(range(256)) * 4)
     sock = tmp_path / "rng.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvirtio", "rng", "--socket-path", str(sock)]
-        + ["--filename", str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pyvirtio",
+            "rng",
+            "--socket-path",
+            str(sock),
+            "--filename",
+            str(source),
+        ],
         stderr=subprocess.PIPE,
     )
     try:

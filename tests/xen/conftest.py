@@ -36,8 +36,8 @@ def xen_rig() -> XenRig:
 
 @pytest.fixture
 def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
-    """``xen_run(dom0_script, domu_scripts={...}, backend=..., check=True, domu_kernels=...)``:
-    boot once."""
+    """``xen_run(dom0_script, domu_scripts={...}, backend=..., check=True, domu_kernels=...,
+    domu_files=...)``: boot once."""
 
     def run(
         dom0_script: str,
@@ -47,6 +47,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
         check: bool = True,
         timeout: float = 900.0,
         domu_kernels: Mapping[str, Path] | None = None,
+        domu_files: Mapping[str, bytes] | None = None,
     ) -> GuestResult:
         test = XenTest(
             dom0_script,
@@ -55,6 +56,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
             backend_ready=BACKEND_READY,
             timeout=timeout,
             domu_kernels=domu_kernels or {},
+            domu_files=domu_files or {},
         )
         result = test.run(xen_rig, tmp_path / "xen", check=check)
         print(f"xen run: {result.elapsed:.1f} s wall, console {result.console_path}")

@@ -105,7 +105,8 @@ class NetDevice(VirtioDevice):
         self._frame: bytearray | None = None  # the frame being given to the guest
         self._errors = GuestErrorLog(log)
         self.stats = dict.fromkeys(
-            ("tx", "tx_dropped", "tx_gso", "tx_csum", "rx", "rx_dropped", "rx_csum_done"), 0
+            ("tx", "tx_dropped", "tx_gso", "tx_csum", "rx", "rx_dropped", "rx_gso", "rx_csum_done"),
+            0,
         )
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stopping = False
@@ -219,7 +220,9 @@ class NetDevice(VirtioDevice):
         if full:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._wake, 1)  # room again: read the port
-        flags, _, _, _, csum_start, csum_offset, _ = HEADER.unpack_from(frame)
+        flags, gso_type, _, _, csum_start, csum_offset, _ = HEADER.unpack_from(frame)
+        if gso_type:
+            self.stats["rx_gso"] += 1
         partial = flags & HeaderFlag.NEEDS_CSUM and not self.negotiated(NetFeature.GUEST_CSUM)
         if partial and complete_checksum(memoryview(frame)[HEADER_SIZE:], csum_start, csum_offset):
             frame[0] = 0
