@@ -90,9 +90,8 @@ class XenLike:
             base=0x0200_0000,
             irq=33,
         )
-        self.disk = Disk(
-            config, "", self.image, self.device, self.machine.transport, self.machine.runner
-        )  # type: ignore[arg-type]
+        assert self.machine.runner is not None
+        self.disk = Disk(config, "", self.device, self.machine.transport, self.machine.runner)
         self.guest = Guest(1, cast(Privcmd, self.privcmd), self.memory, cast(GuestServer, None))
         self.guest.disks[51712] = self.disk
 

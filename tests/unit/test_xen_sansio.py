@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyvirtio.shims.inprocess import InProcessMachine
-from pyvirtio.shims.xen.config import ConfigError, parse_disk
+from pyvirtio.shims.xen.config import ConfigError, parse_device_description, parse_disk
 from pyvirtio.shims.xen.ioreq import Ioreq, IoreqDispatcher, IoreqState, IoreqType, encode, parse
 from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
 from pyvirtio.spec.mmio import MAGIC_VALUE, Reg
@@ -132,3 +132,41 @@ def test_xenbus_state_parsing() -> None:
     assert parse_state(None) == XenbusState.UNKNOWN
     assert parse_state("99") == XenbusState.UNKNOWN
     assert parse_state("-1") == XenbusState.UNKNOWN
+
+
+def test_a_disk_entry_may_describe_another_device() -> None:
+    values = {"params": "/etc/xen/vm1-rng.pyvirtio", "mode": "w", "base": "0x2000000", "irq": "33"}
+    assert parse_disk(3, 51712, values).described
+    values["params"] = "/srv/disk.img"
+    assert not parse_disk(3, 51712, values).described
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("device = rng\n", ("rng", "/dev/urandom")),
+        (
+            "# entropy for vm1\ndevice=rng\nsource = /dev/hwrng  # the board's\n",
+            ("rng", "/dev/hwrng"),
+        ),
+    ],
+)
+def test_device_descriptions(text: str, expected: tuple[str, str]) -> None:
+    assert parse_device_description(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "device = gpu",
+        "device = rng\nsource = relative",
+        "device = rng\ndevice = rng",
+        "device rng",
+        "colour = blue",
+        "",
+        "device = rng\n" + "#" * 5000,
+    ],
+)
+def test_bad_device_descriptions_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_device_description(text)

@@ -97,14 +97,17 @@ domu_kernel() {
 domu_config() {
     _name=$1 _script=$2
     shift 2
-    _disks=
-    for _d in "$@"; do _disks="${_disks:+$_disks, }$_d"; done
+    _disks= _blocks=0
+    for _d in "$@"; do
+        _disks="${_disks:+$_disks, }$_d"
+        case "$_d" in *.pyvirtio\'*) ;; *) _blocks=$((_blocks + 1)) ;; esac  # not a disk
+    done
     mkdir -p /etc/xen
     cat >"/etc/xen/$_name.cfg" <<CFG
 name = "$_name"
 kernel = "$DOMU_KERNEL"
 ramdisk = "$DOMU_INITRD"
-extra = "console=hvc0 rdinit=/init rigs.script=$_script rigs.disks=$# $DOMU_EXTRA"
+extra = "console=hvc0 rdinit=/init rigs.script=$_script rigs.disks=$_blocks $DOMU_EXTRA"
 memory = $DOMU_MEMORY
 vcpus = 1
 on_crash = "preserve"

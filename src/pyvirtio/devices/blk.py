@@ -74,9 +74,12 @@ class BlkDevice(VirtioDevice):
         serial: str = "",
         writethrough: bool = False,
         discard_segments: int = MAX_DISCARD_SEG,
+        owns_image: bool = False,
     ) -> None:
         """``discard_segments``: segments one DISCARD or WRITE_ZEROES may carry (advertised
-        as max_discard_seg and max_write_zeroes_seg; more are answered UNSUPP)."""
+        as max_discard_seg and max_write_zeroes_seg; more are answered UNSUPP).
+        ``owns_image``: :meth:`close` flushes and closes the image (otherwise whoever opened
+        it does, as when one image serves a device per vhost-user session)."""
         lbs = logical_block_size or image.logical_block_size
         if lbs < SECTOR_SIZE or lbs & (lbs - 1) or lbs > 65536:
             raise ValueError(f"logical block size {lbs} is not a power of two in 512..65536")
@@ -99,6 +102,7 @@ class BlkDevice(VirtioDevice):
         self.serial = serial_bytes
         self.num_queues = num_queues
         self.discard_segments = discard_segments
+        self.owns_image = owns_image
         self.queue_size = queue_size
         self._default_writeback = 0 if writethrough else 1
         self._writeback = self._default_writeback
@@ -187,6 +191,16 @@ class BlkDevice(VirtioDevice):
 
     def housekeeping(self) -> None:
         self.refresh_capacity()
+
+    def close(self) -> None:
+        if not self.owns_image:
+            return
+        if not self.image.read_only:
+            try:
+                self.image.flush()
+            except OSError as exc:
+                log.error("%s: final flush failed: %s", self.image.path, exc)
+        self.image.close()
 
     def refresh_capacity(self) -> bool:
         """Re-read the image size; on a change update capacity and notify (§5.2.6.5)."""

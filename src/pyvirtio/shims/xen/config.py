@@ -4,6 +4,15 @@ Sans-I/O: :func:`parse_disk` takes the key/value strings of one back-end device 
 returns a validated :class:`DiskConfig` or raises :class:`ConfigError` with one clear line.
 Nothing is trusted: values are checked for syntax and range, and the MMIO window and interrupt
 must fall where libxl allocates virtio-mmio devices on Arm.
+
+Xen 4.17's ``xl`` describes only virtio disks, but what it gives the guest is device-type
+agnostic: a ``virtio,mmio`` node with a window and an interrupt, whose device ID the guest
+reads from the device itself. So a disk entry whose target is a *device description*, a file
+named ``*.pyvirtio`` (libxl checks that the target exists), is served as the device the file
+describes instead of a disk (:func:`parse_device_description`)::
+
+    device = rng
+    source = /dev/urandom
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ GUEST_VIRTIO_MMIO_SPI_LAST = 43
 DOMID_FIRST_RESERVED = 0x7FF0
 #: Longest value accepted from xenstore (paths included).
 MAX_VALUE = 4096
+#: The suffix of a ``target=`` that describes another device than a disk.
+DESCRIPTION_SUFFIX = ".pyvirtio"
+#: Devices a description may name, and their default argument.
+DEVICES = {"rng": "/dev/urandom"}
 
 
 class ConfigError(Exception):
@@ -33,10 +46,16 @@ class ConfigError(Exception):
 class DiskConfig:
     frontend_id: int
     devid: int
+    #: The image path of a disk, or a device description (``*.pyvirtio``).
     image: str
     read_only: bool
     base: int
     irq: int
+
+    @property
+    def described(self) -> bool:
+        """The target describes a device other than a disk."""
+        return self.image.endswith(DESCRIPTION_SUFFIX)
 
 
 def _int(values: Mapping[str, str], key: str) -> int:
@@ -63,7 +82,7 @@ def parse_disk(frontend_id: int, devid: int, values: Mapping[str, str]) -> DiskC
     if not image:
         raise ConfigError("missing key 'params' (the image path)")
     if not os.path.isabs(image):
-        raise ConfigError(f"image path {image[:80]!r} is not absolute")
+        raise ConfigError(f"path {image[:80]!r} is not absolute")
     mode = values.get("mode", "r").strip()
     if mode not in ("r", "w", "w!"):
         raise ConfigError(f"mode={mode[:10]!r} is neither r nor w")
@@ -78,3 +97,28 @@ def parse_disk(frontend_id: int, devid: int, values: Mapping[str, str]) -> DiskC
     if not GUEST_VIRTIO_MMIO_SPI_FIRST <= irq <= GUEST_VIRTIO_MMIO_SPI_LAST:
         raise ConfigError(f"irq={irq} is not a virtio-mmio SPI (33-43)")
     return DiskConfig(frontend_id, devid, image, "w" not in mode, base, irq)
+
+
+def parse_device_description(text: str) -> tuple[str, str]:
+    """(device, its source) from a ``*.pyvirtio`` file: ``key = value`` lines, ``#`` comments;
+    ``device`` is one of :data:`DEVICES`, ``source`` an absolute path (the device's default
+    when absent)."""
+    if len(text) > MAX_VALUE:
+        raise ConfigError("device description longer than 4 KiB")
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ("device", "source") or key in values:
+            raise ConfigError(f"device description line {number}: {line[:60]!r}")
+        values[key] = value
+    device = values.get("device", "")
+    if device not in DEVICES:
+        raise ConfigError(f"device {device[:20]!r} is not one of {sorted(DEVICES)}")
+    source = values.get("source") or DEVICES[device]
+    if not os.path.isabs(source):
+        raise ConfigError(f"source {source[:80]!r} is not absolute")
+    return device, source

@@ -19,9 +19,17 @@ import queue
 import select
 from dataclasses import dataclass, field
 
+from pyvirtio.device import VirtioDevice
 from pyvirtio.devices.blk import BlkDevice
+from pyvirtio.devices.rng import RngDevice
 from pyvirtio.runner import QueueRunner
-from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
+from pyvirtio.shims.xen.config import (
+    MAX_VALUE,
+    ConfigError,
+    DiskConfig,
+    parse_device_description,
+    parse_disk,
+)
 from pyvirtio.shims.xen.gntdev import Gntdev
 from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
 from pyvirtio.shims.xen.memory import ForeignGuestMemory
@@ -51,10 +59,11 @@ class Options:
 
 @dataclass
 class Disk:
+    """One entry of the guest's ``disk = [...]``: a virtio-blk disk, or another device."""
+
     config: DiskConfig
     path: str
-    image: RawImage
-    device: BlkDevice
+    device: VirtioDevice
     transport: MmioTransport
     runner: QueueRunner
     state: XenbusState = XenbusState.INITIALISING
@@ -272,9 +281,14 @@ class XenBackendDaemon:
         if guest is not None:
             guest.invalidate()
 
-    def add_disk(self, config: DiskConfig, path: str) -> None:
+    def _new_device(self, config: DiskConfig) -> tuple[VirtioDevice, str]:
+        """The device an entry names, and what it is: a disk on its image, or the device a
+        description file (``*.pyvirtio``) describes."""
         opts = self.options
-        guest = self._guest(config.frontend_id)
+        if config.described:
+            with open(config.image, encoding="utf-8", errors="replace") as f:
+                kind, source = parse_device_description(f.read(MAX_VALUE + 1))
+            return RngDevice(source=source), f"{kind} from {source}"
         image = RawImage(config.image, read_only=config.read_only)
         try:
             device = BlkDevice(
@@ -282,7 +296,17 @@ class XenBackendDaemon:
                 num_queues=opts.num_queues,
                 queue_size=opts.queue_size,
                 serial=f"xen-{config.frontend_id}-{config.devid}",
+                owns_image=True,
             )
+        except BaseException:
+            image.close()
+            raise
+        return device, f"{config.image} ({'ro' if config.read_only else 'rw'})"
+
+    def add_disk(self, config: DiskConfig, path: str) -> None:
+        guest = self._guest(config.frontend_id)
+        device, what = self._new_device(config)
+        try:
             device.set_memory(guest.memory)
             # Guests that restrict their backends to grants require ACCESS_PLATFORM; with it
             # negotiated, addresses are grant references or plain guest-physical ones.
@@ -294,7 +318,7 @@ class XenBackendDaemon:
                 notify=runner.notify,
                 host=runner,
             )
-            disk = Disk(config, path, image, device, transport, runner)
+            disk = Disk(config, path, device, transport, runner)
             guest.disks[config.devid] = disk
             guest.server.add_window(
                 config.base,
@@ -305,14 +329,13 @@ class XenBackendDaemon:
             if config.devid in guest.disks:
                 self.remove_disk(config.frontend_id, config.devid, write_closed=False)
             else:
-                image.close()
+                device.close()
             raise
         log.info(
-            "dom%d disk %d: serving %s (%s) at %#x irq %d",
+            "dom%d disk %d: serving %s at %#x irq %d",
             config.frontend_id,
             config.devid,
-            config.image,
-            "ro" if config.read_only else "rw",
+            what,
             config.base,
             config.irq,
         )
@@ -337,10 +360,6 @@ class XenBackendDaemon:
         disk.runner.close()
         disk.device.set_memory(None)
         disk.device.close()
-        with contextlib.suppress(OSError):
-            if not disk.image.read_only:
-                disk.image.flush()
-        disk.image.close()
         if write_closed:
             self._set_state(disk, XenbusState.CLOSED)
         log.info("dom%d disk %d: stopped", domid, devid)
