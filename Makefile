@@ -52,6 +52,7 @@ bench: deps venv
 	$(PY) -m bench.loadgen_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 	$(PY) -m bench.guest_suite --rounds $(BENCH_GUEST_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 	$(PY) -m bench.inprocess_suite --out out/bench
+	$(PY) -m bench.devices_suite --rounds $(BENCH_ROUNDS) --out out/bench
 
 demo: deps venv
 	$(PY) -m rigs.demo
