@@ -647,18 +647,48 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_xen(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
+    from pyvirtio.devices.blk import BlkDevice
+    from pyvirtio.devices.rng import RngDevice
+    from pyvirtio.shims.xen.config import (
+        MAX_VALUE,
+        ConfigError,
+        DiskConfig,
+        parse_device_description,
+    )
     from pyvirtio.shims.xen.daemon import Options, XenBackendDaemon
     from pyvirtio.shims.xen.libs import XenError
+    from pyvirtio.storage.raw import ImageError, RawImage
+
+    def new_device(config: DiskConfig) -> tuple[VirtioDevice, str]:
+        """A disk on its image, or the device a ``*.pyvirtio`` description names."""
+        if config.described:
+            with open(config.image, encoding="utf-8", errors="replace") as f:
+                kind, source = parse_device_description(f.read(MAX_VALUE + 1))
+            return RngDevice(source=source), f"{kind} from {source}"
+        try:
+            image = RawImage(config.image, read_only=config.read_only)
+        except ImageError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            device = BlkDevice(
+                image,
+                num_queues=args.num_queues,
+                queue_size=args.queue_size,
+                serial=f"xen-{config.frontend_id}-{config.devid}",
+                owns_image=True,
+            )
+        except BaseException:
+            image.close()
+            raise
+        return device, f"{config.image} ({'ro' if config.read_only else 'rw'})"
 
     options = Options(
         backend_domid=args.backend_domid,
         static_mapping=args.mapping == "static",
         map_cache_pages=args.map_cache_pages,
-        num_queues=args.num_queues,
-        queue_size=args.queue_size,
     )
     try:
-        daemon = XenBackendDaemon(options)
+        daemon = XenBackendDaemon(options, new_device)
     except XenError as exc:
         raise UsageError(f"cannot reach Xen: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, _raise_shutdown)

@@ -35,6 +35,7 @@ from pyvirtio.memory.guest import GuestMemory
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.stats import QueueStats
 from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.split import DescriptorChain, QueueLayout, SplitQueue, VirtqueueError
 
@@ -115,6 +116,8 @@ class VirtioDevice:
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self.queues = [SplitQueue(i, queue_size) for i in range(num_queues)]
+        #: What each queue did (written by its worker; read by management and metrics).
+        self.stats = [QueueStats(i) for i in range(num_queues)]
         self.__events: DeviceEvents = _Unattached()
         self.__host: QueueHost = _CallerThread(self)
         self.__memory: GuestMemory | None = None
@@ -501,6 +504,17 @@ class VirtioDevice:
                 chain.head,
             )
 
+    def __complete_pending(
+        self,
+        queue: SplitQueue,
+        stats: QueueStats,
+        item: tuple[DescriptorChain, Future[int], int],
+    ) -> None:
+        chain, future, started = item
+        written = future.result()
+        self.__complete(queue, chain, written)
+        stats.completed(chain.read_len, written, time.monotonic_ns() - started)
+
     def process_queue(self, index: int, stop: threading.Event | None = None) -> None:
         """Drain queue ``index``: handle every available chain, then interrupt if asked to.
 
@@ -514,10 +528,12 @@ class VirtioDevice:
             return
         if stop is not None:
             self.__stop_events[index] = stop
+        stats = self.stats[index]
+        clock = time.monotonic_ns
         executor = self.__executor
         threshold = self.parallel_threshold
         limit = self.__parallel_requests
-        pending: deque[tuple[DescriptorChain, Future[int]]] = deque()
+        pending: deque[tuple[DescriptorChain, Future[int], int]] = deque()
         stopping = stop.is_set if stop is not None else lambda: False
         try:
             queue.disable_notifications()
@@ -526,27 +542,33 @@ class VirtioDevice:
                 while (
                     not stopping() and self.has_work(queue) and (chain := queue.pop()) is not None
                 ):
+                    started = clock()
+                    stats.taken()
                     if (
                         executor is not None
                         and len(pending) < limit
                         and chain.read_len + chain.write_len >= threshold
                     ):
-                        pending.append((chain, executor.submit(self.handle_chain, queue, chain)))
+                        future = executor.submit(self.handle_chain, queue, chain)
+                        pending.append((chain, future, started))
                         continue
                     done = self.handle_chains(queue, chain)
                     if not done:
+                        stats.in_flight -= 1  # given back to the ring
                         starved = True
                         break
-                    for taken, written in done:
-                        self.__complete(queue, taken, written)
+                    read = written = 0
+                    for taken, count in done:
+                        self.__complete(queue, taken, count)
+                        read += taken.read_len
+                        written += count
+                    stats.completed(read, written, clock() - started)
                     while pending and pending[0][1].done():
-                        chain, future = pending.popleft()
-                        self.__complete(queue, chain, future.result())
+                        self.__complete_pending(queue, stats, pending.popleft())
                 if queue.publish():
                     self.__events.queue_interrupt(index)
                 if pending:
-                    chain, future = pending.popleft()
-                    self.__complete(queue, chain, future.result())
+                    self.__complete_pending(queue, stats, pending.popleft())
                     continue
                 if stopping() or not self.has_work(queue):
                     queue.enable_notifications()  # the driver's next buffers will kick
@@ -555,8 +577,9 @@ class VirtioDevice:
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:
-            for _, future in pending:  # they write guest memory: let them finish first
+            for _, future, _ in pending:  # they write guest memory: let them finish first
                 future.exception()
+            stats.in_flight = 0  # nothing of this ring completes any more
             if queue.publish():
                 self.__events.queue_interrupt(index)
             self.fail(str(exc))

@@ -533,3 +533,17 @@ def test_buffer_straddling_two_adjacent_regions_is_served(image_path: Path) -> N
     assert mem.read(status, 1) == bytes([BlkStatus.OK])
     with image_path.open("rb") as f:
         assert f.read(4096) == data
+
+
+def test_queue_statistics_count_requests_bytes_errors_and_latency(blk: Blk) -> None:
+    blk.driver.write(0, b"x" * 8192)
+    assert blk.driver.read(0, 4096) == b"x" * 4096
+    blk.driver.request(BlkRequestType.IN, IMAGE_SIZE // 512, in_len=512)  # past the end
+    blk.driver.request(99)  # unknown type
+    snap = blk.device.stats[0].snapshot()
+    assert snap["requests"] == 4 and snap["in_flight"] == 0
+    assert snap["errors"] == {"ioerr": 1, "unsupp": 1}
+    assert snap["bytes_read"] >= 8192 + 16 * 4  # data out and the headers
+    assert snap["bytes_written"] >= 4096 + 512
+    buckets = snap["latency_buckets"]
+    assert isinstance(buckets, dict) and sum(buckets.values()) == 4

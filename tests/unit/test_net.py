@@ -131,7 +131,7 @@ def test_partial_checksums_pass_to_a_guest_that_takes_them(switch: Callable[...,
     a.driver.send(frame, csum_start=start, csum_offset=offset)
     header, got = b.driver.receive()[0]
     assert header[0] & HeaderFlag.NEEDS_CSUM and got == frame
-    assert a.device.stats["tx_csum"] == 1
+    assert a.device.counters["tx_csum"] == 1
 
 
 def test_partial_checksums_are_completed_for_a_guest_that_does_not(
@@ -144,7 +144,7 @@ def test_partial_checksums_are_completed_for_a_guest_that_does_not(
     header, got = b.driver.receive()[0]
     assert not header[0] & HeaderFlag.NEEDS_CSUM
     assert _udp_checksum_ok(got)
-    assert b.device.stats["rx_csum_done"] == 1
+    assert b.device.counters["rx_csum_done"] == 1
 
 
 def test_complete_checksum_refuses_offsets_outside_the_frame() -> None:
@@ -167,7 +167,7 @@ def test_a_guest_that_never_reads_costs_nothing_but_drops(switch: Callable[..., 
             break
         a.machine.wait_interrupt(0.05)
     # a's transmissions all completed (nothing waits on b); b holds a bounded queue
-    assert a.device.stats["tx"] + a.device.stats["tx_dropped"] == 2000
+    assert a.device.counters["tx"] + a.device.counters["tx_dropped"] == 2000
     assert len(b.device._received) <= 256
 
 
@@ -188,4 +188,4 @@ def test_hostile_buffers(switch: Callable[..., Nic]) -> None:
         b.machine.wait_interrupt(0.1)
     assert b_drv.status & DeviceStatus.NEEDS_RESET  # b broke its own device...
     assert not drv.status & DeviceStatus.NEEDS_RESET  # ...and a's malformed frame only dropped
-    assert a.device.stats["tx_dropped"] == 1 and a.device.stats["tx"] == 1
+    assert a.device.counters["tx_dropped"] == 1 and a.device.counters["tx"] == 1

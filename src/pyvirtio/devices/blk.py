@@ -219,9 +219,11 @@ class BlkDevice(VirtioDevice):
 
     def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         writable = chain.writable
+        stats = self.stats[queue.index]
         if chain.fault is not None:
             self._errors.warning("queue %d head %d: %s", queue.index, chain.head, chain.fault)
             self._status_of_faulty(chain)[0] = _S_IOERR
+            stats.error("bad_buffer")
             return chain.write_len
         if not writable:
             raise DeviceError(f"queue {queue.index} head {chain.head}: request has no status byte")
@@ -241,11 +243,12 @@ class BlkDevice(VirtioDevice):
                 chain.read_len,
             )
             status[0] = _S_IOERR
+            stats.error("bad_header")
             return chain.write_len
         req_type, _, sector = REQ_HEADER.unpack(header[0])
         data_out = header[1]
         try:
-            status[0] = self._execute(
+            result = self._execute(
                 req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1
             )
         except OSError as exc:
@@ -256,7 +259,14 @@ class BlkDevice(VirtioDevice):
                 sector,
                 exc,
             )
-            status[0] = _S_IOERR
+            result = _S_IOERR
+            stats.error("storage")
+        else:
+            if result == _S_IOERR:
+                stats.error("ioerr")
+            elif result == _S_UNSUPP:
+                stats.error("unsupp")
+        status[0] = result
         return chain.write_len
 
     def _status_of_faulty(self, chain: DescriptorChain) -> memoryview:

@@ -104,7 +104,7 @@ class NetDevice(VirtioDevice):
         self._received_lock = threading.Lock()
         self._frame: bytearray | None = None  # the frame being given to the guest
         self._errors = GuestErrorLog(log)
-        self.stats = dict.fromkeys(
+        self.counters = dict.fromkeys(
             ("tx", "tx_dropped", "tx_gso", "tx_csum", "rx", "rx_dropped", "rx_gso", "rx_csum_done"),
             0,
         )
@@ -175,7 +175,7 @@ class NetDevice(VirtioDevice):
             os.eventfd_write(self._wake, 1)
         self._thread.join()
         os.close(self._wake)
-        log.info("net: %s", ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+        log.info("net: %s", ", ".join(f"{k} {v}" for k, v in self.counters.items()))
 
     # -- transmit ------------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class NetDevice(VirtioDevice):
         size = self._header_size()
         if chain.fault is not None or chain.writable or chain.read_len < size + 14:
             self._errors.warning("net: malformed transmit buffer dropped (%s)", chain.fault)
-            self.stats["tx_dropped"] += 1
+            self.counters["tx_dropped"] += 1
             return
         taken = chain.take_readable(size)
         assert taken is not None
@@ -191,17 +191,17 @@ class NetDevice(VirtioDevice):
         flags, gso_type = header[0], header[1]
         if gso_type & ~GsoType.ECN and not self.port.takes_gso:
             self._errors.warning("net: segmentation offload that was not offered; dropped")
-            self.stats["tx_dropped"] += 1
+            self.counters["tx_dropped"] += 1
             return
         if gso_type:
-            self.stats["tx_gso"] += 1
+            self.counters["tx_gso"] += 1
         if flags & HeaderFlag.NEEDS_CSUM:
-            self.stats["tx_csum"] += 1
+            self.counters["tx_csum"] += 1
         full = header.ljust(HEADER_SIZE, b"\0")  # the port's header has num_buffers
         if self.port.send([memoryview(full), *frame]):
-            self.stats["tx"] += 1
+            self.counters["tx"] += 1
         else:
-            self.stats["tx_dropped"] += 1
+            self.counters["tx_dropped"] += 1
 
     # -- receive -------------------------------------------------------------------------------
 
@@ -222,11 +222,11 @@ class NetDevice(VirtioDevice):
                 os.eventfd_write(self._wake, 1)  # room again: read the port
         flags, gso_type, _, _, csum_start, csum_offset, _ = HEADER.unpack_from(frame)
         if gso_type:
-            self.stats["rx_gso"] += 1
+            self.counters["rx_gso"] += 1
         partial = flags & HeaderFlag.NEEDS_CSUM and not self.negotiated(NetFeature.GUEST_CSUM)
         if partial and complete_checksum(memoryview(frame)[HEADER_SIZE:], csum_start, csum_offset):
             frame[0] = 0
-            self.stats["rx_csum_done"] += 1
+            self.counters["rx_csum_done"] += 1
         self._frame = frame
         return True
 
@@ -256,7 +256,7 @@ class NetDevice(VirtioDevice):
                 room += more.write_len
             if room < total:
                 self._frame = None
-                self.stats["rx_dropped"] += 1
+                self.counters["rx_dropped"] += 1
                 continue
             return self._deliver(chains, header_size, total)
         queue.unpop([chain])
@@ -284,7 +284,7 @@ class NetDevice(VirtioDevice):
                 pos += n
             done.append((taken, pos - start))
         self._frame = None
-        self.stats["rx"] += 1
+        self.counters["rx"] += 1
         return done
 
     # -- the port ------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ class NetDevice(VirtioDevice):
             if size is None:
                 break
             if size < HEADER_SIZE + 14:
-                self.stats["rx_dropped"] += 1
+                self.counters["rx_dropped"] += 1
                 continue
             frame = bytearray(self._bounce[:size])
             with self._received_lock:

@@ -3,7 +3,8 @@
 The daemon watches ``/local/domain/<self>/backend/virtio_disk`` (libxl writes a directory there
 for each ``disk = [ '..., backendtype=standalone, specification=virtio' ]``, at its own moment
 after the domain appears, so the daemon keeps watching rather than listing once). For each
-disk it validates the configuration, opens the image, builds a virtio-blk device on a
+disk it validates the configuration, has the device built (by the factory it was given: the
+CLI's builds virtio-blk on the image, or the device a ``*.pyvirtio`` description names) on a
 virtio-mmio transport, claims the MMIO window in the guest's IOREQ server (one per guest,
 shared by its disks) and answers the xenbus handshake. Devices go away when the toolstack asks
 (state Closing, or the directory is removed) and everything of a guest goes when it dies.
@@ -17,19 +18,12 @@ import logging
 import os
 import queue
 import select
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyvirtio.device import VirtioDevice
-from pyvirtio.devices.blk import BlkDevice
-from pyvirtio.devices.rng import RngDevice
 from pyvirtio.runner import QueueRunner
-from pyvirtio.shims.xen.config import (
-    MAX_VALUE,
-    ConfigError,
-    DiskConfig,
-    parse_device_description,
-    parse_disk,
-)
+from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
 from pyvirtio.shims.xen.gntdev import Gntdev
 from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
 from pyvirtio.shims.xen.memory import ForeignGuestMemory
@@ -39,7 +33,6 @@ from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
 from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import WINDOW_SIZE, Reg
 from pyvirtio.spec.status import DeviceStatus
-from pyvirtio.storage.raw import ImageError, RawImage
 from pyvirtio.transport.mmio import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -53,8 +46,6 @@ class Options:
     backend_domid: int | None = None
     static_mapping: bool = False
     map_cache_pages: int = 32768
-    num_queues: int = 1
-    queue_size: int = 128
 
 
 @dataclass
@@ -103,9 +94,15 @@ class _Window:
             self.daemon.post(self.key)
 
 
+#: Builds the device for one entry of a guest's ``disk = [...]`` and says what it is (for the
+#: log); raises ConfigError for an entry it refuses. The daemon serves whatever it builds.
+DeviceFactory = Callable[[DiskConfig], tuple[VirtioDevice, str]]
+
+
 class XenBackendDaemon:
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, new_device: DeviceFactory) -> None:
         self.options = options
+        self.new_device = new_device
         self.xs = XenStore()
         self.dm = DeviceModel()
         self.fmem = ForeignMemory()
@@ -232,7 +229,7 @@ class XenBackendDaemon:
         try:
             config = parse_disk(frontend, devid, self._values(path))
             self.add_disk(config, path)
-        except (ConfigError, ImageError, XenError, OSError, ValueError) as exc:
+        except (ConfigError, XenError, OSError, ValueError) as exc:
             if self._refused.get(path) != str(exc):
                 log.error("dom%d disk %d: refused: %s", frontend, devid, exc)
                 self._refused[path] = str(exc)
@@ -281,31 +278,9 @@ class XenBackendDaemon:
         if guest is not None:
             guest.invalidate()
 
-    def _new_device(self, config: DiskConfig) -> tuple[VirtioDevice, str]:
-        """The device an entry names, and what it is: a disk on its image, or the device a
-        description file (``*.pyvirtio``) describes."""
-        opts = self.options
-        if config.described:
-            with open(config.image, encoding="utf-8", errors="replace") as f:
-                kind, source = parse_device_description(f.read(MAX_VALUE + 1))
-            return RngDevice(source=source), f"{kind} from {source}"
-        image = RawImage(config.image, read_only=config.read_only)
-        try:
-            device = BlkDevice(
-                image,
-                num_queues=opts.num_queues,
-                queue_size=opts.queue_size,
-                serial=f"xen-{config.frontend_id}-{config.devid}",
-                owns_image=True,
-            )
-        except BaseException:
-            image.close()
-            raise
-        return device, f"{config.image} ({'ro' if config.read_only else 'rw'})"
-
     def add_disk(self, config: DiskConfig, path: str) -> None:
         guest = self._guest(config.frontend_id)
-        device, what = self._new_device(config)
+        device, what = self.new_device(config)
         try:
             device.set_memory(guest.memory)
             # Guests that restrict their backends to grants require ACCESS_PLATFORM; with it
