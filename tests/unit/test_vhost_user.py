@@ -21,10 +21,11 @@ from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserDriver
 from pyvirtio.driver.vhost_user_frontend import FrontendError, VhostUserFrontend
 from pyvirtio.runner import drain_eventfd
-from pyvirtio.shims.vhost_user.server import VhostUserServer, listening_socket
+from pyvirtio.shims.vhost_user.server import VhostUserServer
 from pyvirtio.spec.blk import BlkRequestType, BlkStatus
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.storage.raw import RawImage
+from pyvirtio.unix_socket import listening_socket
 from pyvirtio.vhost_user.protocol import (
     HEADER,
     FrontendReq,

@@ -19,9 +19,9 @@ from pyvirtio.devices.vsock import VsockDevice
 from pyvirtio.driver.mmio import DriverError
 from pyvirtio.driver.vsock import VsockDriver
 from pyvirtio.shims.inprocess import InProcessMachine
-from pyvirtio.shims.vhost_user.server import listening_socket
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.spec.vsock import HEADER, HOST_CID, VsockOp, VsockType
+from pyvirtio.unix_socket import listening_socket
 
 CID = 42
 

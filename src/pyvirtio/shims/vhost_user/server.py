@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import socket
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.shims.vhost_user.session import VhostUserSession
@@ -31,52 +29,6 @@ HOUSEKEEPING_INTERVAL = 1.0
 STALL_TIMEOUT = 5.0
 #: How long a new connection waits for the session in progress to end.
 TAKEOVER_WAIT = 5.0
-
-
-class SocketError(Exception):
-    """The socket path cannot be used."""
-
-
-@contextlib.contextmanager
-def listening_socket(path: str) -> Iterator[socket.socket]:
-    """A listening UNIX socket at ``path``, mode 0600, that appears only once it accepts."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SocketError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # a stale socket from a previous run
-        else:
-            raise SocketError(f"{path} is in use by another process")
-        finally:
-            probe.close()
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(tmp)
-    except OSError as exc:
-        sock.close()
-        raise SocketError(f"cannot create socket {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    try:
-        sock.listen(socket.SOMAXCONN)
-        os.rename(tmp, path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise SocketError(f"cannot create socket {path}: {exc.strerror}") from None
-    try:
-        yield sock
-    finally:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 class VhostUserServer:
