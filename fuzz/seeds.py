@@ -9,6 +9,8 @@ from pathlib import Path
 from fuzz.targets import CONN_MEMORY, FD_KINDS
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE
 from pyvirtio.spec.blk import REQ_HEADER
+from pyvirtio.spec.gpio import IRQ_REQUEST, REQUEST, GpioMsg
+from pyvirtio.spec.i2c import OUT_HDR, I2cFlag
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.spec.vsock import HEADER, HOST_CID, VsockOp, VsockType
 from pyvirtio.vhost_user.protocol import (
@@ -73,6 +75,79 @@ def ring_vsock() -> list[bytes]:
         )
         seed[1024 : 1024 + len(header)] = header
         seed[2048 : 2048 + len(payload)] = payload
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def ring_gpio() -> list[bytes]:
+    """One message of each type (request at 1024, response at 2048), names' response long."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    for kind, gpio, value, response in (
+        (GpioMsg.GET_LINE_NAMES, 0, 0, 1 + 8 + 2 + 12 + 5),
+        (GpioMsg.GET_DIRECTION, 1, 0, 2),
+        (GpioMsg.SET_DIRECTION, 2, 1, 2),
+        (GpioMsg.GET_VALUE, 3, 0, 2),
+        (GpioMsg.SET_VALUE, 4, 1, 2),
+        (GpioMsg.SET_IRQ_TYPE, 5, 3, 2),
+    ):
+        seed = bytearray(4200)
+        struct.pack_into("<QIHH", seed, 0, ram + 1024, REQUEST.size, 1, 1)
+        struct.pack_into("<QIHH", seed, 16, ram + 2048, response, 2, 0)
+        seed[256:273] = bytes([0] + [QUEUE_SIZE] * 15 + [1])
+        REQUEST.pack_into(seed, 1024, kind, gpio, value)
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def ring_gpio_events() -> list[bytes]:
+    """Event buffers for lines 0-3 (a line number at 1024 + 16 i, its status at 2048 + 16 i),
+    and the same with a repeat and a line that does not exist."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    for lines in ((0, 1, 2, 3), (1, 1, 9, 4)):
+        seed = bytearray(4200)
+        for i, line in enumerate(lines):
+            struct.pack_into("<QIHH", seed, 32 * i, ram + 1024 + 16 * i, 2, 1, 2 * i + 1)
+            struct.pack_into("<QIHH", seed, 32 * i + 16, ram + 2048 + 16 * i, 1, 2, 0)
+            IRQ_REQUEST.pack_into(seed, 1024 + 16 * i, line)
+        heads = [2 * i for i in range(len(lines))]
+        seed[256:273] = bytes(heads + [QUEUE_SIZE] * (16 - len(heads)) + [len(heads)])
+        seeds.append(bytes(seed))
+    return seeds
+
+
+def ring_i2c() -> list[bytes]:
+    """A write, a read, a Quick write, and a write-then-read group (FAIL_NEXT): headers at
+    1024 + 16 i, data at 2048 + 64 i, statuses at 4096 + i."""
+    ram = GUEST_RAM_BASE + 8192
+    seeds = []
+    requests = (
+        [(0x50, 0, b"\x10\xab", 0)],
+        [(0x50, I2cFlag.M_RD, b"", 4)],
+        [(0x48, 0, b"", 0)],
+        [(0x48, I2cFlag.FAIL_NEXT, b"\x00", 0), (0x48, I2cFlag.M_RD, b"", 2)],
+    )
+    for group in requests:
+        seed = bytearray(4200)
+        desc = 0
+        heads = []
+        for i, (address, flags, data, length) in enumerate(group):
+            heads.append(desc)
+            OUT_HDR.pack_into(seed, 1024 + 16 * i, address << 1, 0, flags)
+            seed[2048 + 64 * i : 2048 + 64 * i + len(data)] = data
+            struct.pack_into("<QIHH", seed, 16 * desc, ram + 1024 + 16 * i, 8, 1, desc + 1)
+            desc += 1
+            if data or length:
+                write = 2 if flags & I2cFlag.M_RD else 0
+                size = length or len(data)
+                struct.pack_into(
+                    "<QIHH", seed, 16 * desc, ram + 2048 + 64 * i, size, write | 1, desc + 1
+                )
+                desc += 1
+            struct.pack_into("<QIHH", seed, 16 * desc, ram + 4096 + i, 1, 2, 0)
+            desc += 1
+        seed[256:273] = bytes(heads + [QUEUE_SIZE] * (16 - len(heads)) + [len(heads)])
         seeds.append(bytes(seed))
     return seeds
 
@@ -169,6 +244,9 @@ def main() -> None:
         ("ring_blk", ring_blk),
         ("ring_rng", ring_rng),
         ("ring_vsock", ring_vsock),
+        ("ring_gpio", ring_gpio),
+        ("ring_gpio_events", ring_gpio_events),
+        ("ring_i2c", ring_i2c),
         ("vhost_user", vhost_user),
         ("vhost_user_conn", vhost_user_conn),
         ("mmio", mmio),

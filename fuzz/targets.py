@@ -1,10 +1,11 @@
 """Fuzz targets: each takes bytes from the fuzzer and raises only on a bug in pyvirtio.
 
-- ``ring_blk``, ``ring_rng``, ``ring_vsock``: guest memory (descriptor table, available ring,
-  requests or packets) of a device's queue as the fuzzer writes it; the device drains the
-  queue. Only the device's own error reporting (NEEDS_RESET, status bytes, resets) is allowed,
-  never an exception, and nothing outside the used ring and the device-writable buffers the
-  chains named may change.
+- ``ring_blk``, ``ring_rng``, ``ring_vsock``, ``ring_gpio``, ``ring_gpio_events``,
+  ``ring_i2c``: guest memory (descriptor table, available ring, requests or packets) of a
+  device's queue as the fuzzer writes it; the device drains the queue. Only the device's
+  own error reporting (NEEDS_RESET, status bytes, resets) is allowed, never an exception,
+  and nothing outside the used ring and the device-writable buffers the chains named may
+  change.
 - ``vhost_user``: a stream of vhost-user messages to a back-end session.
 - ``vhost_user_conn``: a connection to the vhost-user server: messages carrying real fds of
   every kind (eventfds, a semaphore eventfd, a pipe, /dev/zero, memfds too small, sealable or
@@ -27,6 +28,8 @@ from collections.abc import Callable
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.devices.blk import BlkDevice
+from pyvirtio.devices.gpio import GpioDevice, SimulatedGpio
+from pyvirtio.devices.i2c import DEFAULT_DEVICE_LIST, I2cBus, I2cDevice, parse_device_list
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.devices.vsock import VsockDevice
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
@@ -34,6 +37,9 @@ from pyvirtio.shims.vhost_user.server import VhostUserServer
 from pyvirtio.shims.vhost_user.session import VhostUserSession
 from pyvirtio.shims.xen.config import ConfigError, parse_disk
 from pyvirtio.spec.features import Feature, bit
+from pyvirtio.spec.gpio import EVENT_QUEUE as GPIO_EVENT_QUEUE
+from pyvirtio.spec.gpio import GpioFeature, IrqType
+from pyvirtio.spec.i2c import I2cFeature
 from pyvirtio.spec.mmio import Reg
 from pyvirtio.spec.vsock import TX_QUEUE
 from pyvirtio.storage.raw import RawImage
@@ -53,11 +59,12 @@ with open(_image_path, "wb") as _f:
 _vsock_prefix = os.path.join(_image_dir, "vsock")
 
 
-def _ring(data: bytes, device: VirtioDevice, queue_index: int) -> None:
+def _ring(data: bytes, device: VirtioDevice, queue_index: int, features: int = 0) -> None:
     """Guest memory as the fuzzer writes it, for queue ``queue_index`` of ``device``: the
     device drains the queue; only the device's own error reporting (NEEDS_RESET, statuses)
     is allowed, never an exception, and nothing outside the used ring and the
-    device-writable buffers the chains named may change."""
+    device-writable buffers the chains named may change. ``features``: device-type features
+    the driver takes."""
     writable_ranges: list[tuple[int, int]] = []
     handle = device.handle_chain
 
@@ -71,7 +78,10 @@ def _ring(data: bytes, device: VirtioDevice, queue_index: int) -> None:
     region = next(iter(memory))
     drv = machine.driver()
     drv.negotiate(
-        bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC) | bit(Feature.RING_EVENT_IDX)
+        bit(Feature.VERSION_1)
+        | bit(Feature.RING_INDIRECT_DESC)
+        | bit(Feature.RING_EVENT_IDX)
+        | features
     )
     q = drv.setup_queues(len(device.queues), [QUEUE_SIZE] * len(device.queues))[queue_index]
     drv.driver_ok()
@@ -118,6 +128,47 @@ def ring_rng(data: bytes) -> None:
 def ring_vsock(data: bytes) -> None:
     """The transmit queue: packets from the guest (headers, payloads, ops, ports)."""
     _ring(data, VsockDevice(3, _vsock_prefix, queue_size=QUEUE_SIZE), TX_QUEUE)
+
+
+def ring_gpio(data: bytes) -> None:
+    """The request queue: messages of every type, for lines that exist and do not."""
+    model = SimulatedGpio(8, ["MMC-CD", "", "Red LED Vdd"])
+    device = GpioDevice(model, queue_size=QUEUE_SIZE)
+    _ring(data, device, 0, bit(GpioFeature.IRQ))
+
+
+class _ArmedGpio(GpioDevice):
+    """Interrupts enabled on every line from the start (each type in turn), and every input
+    toggled once after the first drain of the event queue: event buffers come back at once,
+    stay with the device, and come back later."""
+
+    IRQS = (IrqType.EDGE_RISING, IrqType.EDGE_FALLING, IrqType.EDGE_BOTH, IrqType.LEVEL_HIGH)
+
+    def __init__(self) -> None:
+        super().__init__(SimulatedGpio(8), queue_size=QUEUE_SIZE)
+        self.toggled = False
+
+    def on_features(self) -> None:
+        for line in range(self.model.ngpio):
+            self._set_irq(line, self.IRQS[line % len(self.IRQS)])
+
+    def process_queue(self, index: int, stop: threading.Event | None = None) -> None:
+        super().process_queue(index, stop)
+        if index == GPIO_EVENT_QUEUE and not self.toggled:
+            self.toggled = True
+            for line in range(self.model.ngpio):
+                self.model.set_input(line, 1 - self.model.input_level(line))
+
+
+def ring_gpio_events(data: bytes) -> None:
+    """The event queue: buffers for lines with interrupts enabled, malformed ones, repeats."""
+    _ring(data, _ArmedGpio(), GPIO_EVENT_QUEUE, bit(GpioFeature.IRQ))
+
+
+def ring_i2c(data: bytes) -> None:
+    """Requests to the EEPROM at 0x50, the sensor at 0x48 and nobody, in groups."""
+    device = I2cDevice(I2cBus(parse_device_list(DEFAULT_DEVICE_LIST)), queue_size=QUEUE_SIZE)
+    _ring(data, device, 0, bit(I2cFeature.ZERO_LENGTH_REQUEST))
 
 
 def vhost_user(data: bytes) -> None:
@@ -288,6 +339,9 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "ring_blk": ring_blk,
     "ring_rng": ring_rng,
     "ring_vsock": ring_vsock,
+    "ring_gpio": ring_gpio,
+    "ring_gpio_events": ring_gpio_events,
+    "ring_i2c": ring_i2c,
     "vhost_user": vhost_user,
     "vhost_user_conn": vhost_user_conn,
     "mmio": mmio,

@@ -15,13 +15,18 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvirtio import __version__
 from pyvirtio.device import VirtioDevice
+
+if TYPE_CHECKING:
+    from pyvirtio.management.commands import Handler
+    from pyvirtio.storage.raw import RawImage
 
 log = logging.getLogger("pyvirtio")
 
@@ -77,6 +82,19 @@ def _add_vhost_user_options(p: argparse.ArgumentParser) -> None:
         help="how long a front-end may take to send the rest of a message it began, or to take "
         "a reply, before its session ends; also how long a new connection waits for the "
         "session in progress to end before it is refused (default 5)",
+    )
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="a UNIX socket (mode 0600) for management commands, QMP-shaped JSON lines "
+        "(query, metrics, stop, and the device's own; docs/operations.md); pyvirtio ctl "
+        "is its client",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_positive,
+        metavar="PORT",
+        help="serve metrics in Prometheus' text format over HTTP on 127.0.0.1:PORT",
     )
     p.add_argument(
         "--print-capabilities",
@@ -246,6 +264,81 @@ def _add_net_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_model_options(p: argparse.ArgumentParser, base: str) -> None:
+    p.add_argument(
+        "--model",
+        metavar="MODULE:CLASS",
+        help=f"a model of your own: a {base} subclass, imported from MODULE (the current "
+        "directory or PYTHONPATH) and constructed with the --arg values (docs/devices.md)",
+    )
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument for --model's class (a Python literal, or else a string); "
+        "repeatable",
+    )
+
+
+def _add_gpio_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "gpio",
+        help="serve a virtio-gpio device over vhost-user, its lines simulated in Python",
+        description=(
+            "Serve a virtio-gpio controller whose lines are simulated: inputs at the levels "
+            "the host sets through --control, outputs the host reads back there, interrupts "
+            "on input edges and levels (or a model of your own, --model). QEMU connects with "
+            "-chardev socket,id=c0,path=PATH -device vhost-user-gpio-pci,chardev=c0 (or "
+            "vhost-user-gpio-device on virtio-mmio machines); the guest's libgpiod tools "
+            "see a gpiochip."
+        ),
+    )
+    _add_vhost_user_options(p)
+    p.add_argument(
+        "-l",
+        "--device-list",
+        metavar="sN",
+        help="vhost-device-gpio's list for one simulated device: s<N> is N lines (default s8; "
+        "host gpiochips are not served)",
+    )
+    p.add_argument(
+        "--line-names",
+        metavar="NAME,...",
+        help="names of the first lines, in order (empty for none), shown by gpioinfo",
+    )
+    p.add_argument(
+        "--no-irq",
+        action="store_true",
+        help="do not offer interrupts (VIRTIO_GPIO_F_IRQ)",
+    )
+    _add_model_options(p, "pyvirtio.devices.gpio.GpioModel")
+
+
+def _add_i2c_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "i2c",
+        help="serve a virtio-i2c adapter over vhost-user, its bus's devices simulated in Python",
+        description=(
+            "Serve a virtio-i2c adapter whose bus holds simulated devices: a 24C02-like "
+            "EEPROM and an LM75-like temperature sensor (-l), or models of your own "
+            "(--model). QEMU connects with -chardev socket,id=c0,path=PATH -device "
+            "vhost-user-i2c-pci,chardev=c0 (or vhost-user-i2c-device on virtio-mmio "
+            "machines); the guest's i2c-tools see an I2C bus."
+        ),
+    )
+    _add_vhost_user_options(p)
+    p.add_argument(
+        "-l",
+        "--device-list",
+        metavar="MODEL:ADDR[:ADDR],...",
+        help="built-in devices and their addresses, in vhost-device-i2c's format with a model "
+        "(24c02, lm75) for the host adapter; addresses decimal or 0x.. (default "
+        "24c02:80,lm75:72 without --model, i.e. 0x50 and 0x48)",
+    )
+    _add_model_options(p, "pyvirtio.devices.i2c.I2cTarget")
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -384,6 +477,28 @@ def _add_bench_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_ctl_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "ctl",
+        help="send a management command to a running daemon's control socket",
+        description=(
+            "Talk to a daemon started with --control-socket PATH. Commands: query (the "
+            "device, its queues and their statistics, as JSON), metrics (Prometheus' text "
+            "format), stop, resize SIZE [--shrink] and read-only on|off (pyvirtio blk), "
+            "peripheral WORDS... (pyvirtio gpio and i2c: the peripherals' own commands). "
+            "Exits 1 with the daemon's error on a command it refuses."
+        ),
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the control socket")
+    p.add_argument(
+        "ctl_command",
+        metavar="command",
+        help="query, metrics, stop, resize, read-only or peripheral",
+    )
+    p.add_argument("words", nargs="*", help="the command's arguments")
+    p.add_argument("--shrink", action="store_true", help="resize: allow a smaller size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvirtio", description="VirtIO device backends in Python.")
     parser.add_argument("--version", action="version", version=f"pyvirtio {__version__}")
@@ -392,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rng_parser(sub)
     _add_vsock_parser(sub)
     _add_net_parser(sub)
+    _add_gpio_parser(sub)
+    _add_i2c_parser(sub)
     _add_serve_parser(sub)
     _add_xen_parser(sub)
     _add_bench_parser(sub)
+    _add_ctl_parser(sub)
     return parser
 
 
@@ -435,6 +553,7 @@ def run_blk(args: argparse.Namespace) -> int:
     executor = (
         ThreadPoolExecutor(args.io_threads, thread_name_prefix="io") if args.io_threads else None
     )
+    read_only = [image.read_only]  # set-read-only changes it for the devices to come too
 
     def new_device() -> BlkDevice:
         device = BlkDevice(
@@ -448,6 +567,7 @@ def run_blk(args: argparse.Namespace) -> int:
         )
         if executor is not None:
             device.use_executor(executor, args.io_threads)
+        device.set_read_only(read_only[0])
         return device
 
     try:
@@ -460,7 +580,7 @@ def run_blk(args: argparse.Namespace) -> int:
         raise UsageError(f"image {args.image!r} is smaller than one logical block")
 
     try:
-        _serve_vhost_user(args, new_device, args.image)
+        _serve_vhost_user(args, new_device, args.image, _blk_commands(image, read_only))
     finally:
         if executor is not None:
             executor.shutdown()
@@ -473,6 +593,49 @@ def run_blk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blk_commands(
+    image: RawImage, read_only: list[bool]
+) -> Callable[[Callable[[], list[VirtioDevice]]], Mapping[str, Handler]]:
+    """``resize`` and ``set-read-only`` for ``pyvirtio blk``'s control socket."""
+    from pyvirtio.devices.blk import BlkDevice
+    from pyvirtio.management.commands import CommandError
+
+    def make(devices: Callable[[], list[VirtioDevice]]) -> Mapping[str, Handler]:
+        def disks() -> list[BlkDevice]:
+            return [d for d in devices() if isinstance(d, BlkDevice)]
+
+        def resize(arguments: Mapping[str, Any]) -> object:
+            size = arguments.get("size")
+            if not isinstance(size, int) or size <= 0:
+                raise CommandError('"size" must be a positive number of bytes')
+            if image.is_block_device or image.read_only:
+                raise CommandError(f"{image.path} cannot be resized here")
+            if size < image.query_size() and arguments.get("shrink") is not True:
+                raise CommandError('shrinking loses data: say "shrink": true to do it')
+            try:
+                os.truncate(image.path, size)
+            except OSError as exc:
+                raise CommandError(f"{image.path}: {exc.strerror}") from None
+            for disk in disks():
+                disk.refresh_capacity()  # and the guest is told
+            return {"size": size}
+
+        def set_read_only(arguments: Mapping[str, Any]) -> object:
+            flag = arguments.get("read-only")
+            if not isinstance(flag, bool):
+                raise CommandError('"read-only" must be true or false')
+            if not flag and image.read_only:
+                raise CommandError(f"{image.path} was opened read-only")
+            read_only[0] = flag
+            for disk in disks():
+                disk.set_read_only(flag)
+            return {"read-only": flag}
+
+        return {"resize": resize, "set-read-only": set_read_only}
+
+    return make
+
+
 def _check_vhost_user_args(args: argparse.Namespace) -> None:
     if args.socket_path is None and args.fd is None:
         raise UsageError("one of --socket-path or --fd is required")
@@ -481,14 +644,36 @@ def _check_vhost_user_args(args: argparse.Namespace) -> None:
 
 
 def _serve_vhost_user(
-    args: argparse.Namespace, new_device: Callable[[], VirtioDevice], what: str
+    args: argparse.Namespace,
+    new_device: Callable[[], VirtioDevice],
+    what: str,
+    commands: Callable[[Callable[[], list[VirtioDevice]]], Mapping[str, Handler]] | None = None,
 ) -> None:
-    """Serve devices from ``new_device`` on the socket the options name until a signal."""
-    from pyvirtio.shims.vhost_user.server import SocketError, VhostUserServer, listening_socket
+    """Serve devices from ``new_device`` on the socket the options name until a signal or a
+    ``stop`` command, with the control socket, metrics and systemd readiness the options ask
+    for; ``commands(devices)`` makes the device's own management commands, ``devices()``
+    being the devices served at the moment."""
+    from prometheus_client import start_http_server
+
+    from pyvirtio.management.commands import Commands, common_commands
+    from pyvirtio.management.metrics import registry_for
+    from pyvirtio.management.server import ControlServer
+    from pyvirtio.management.systemd import notify
+    from pyvirtio.shims.vhost_user.server import VhostUserServer
+    from pyvirtio.unix_socket import SocketError, listening_socket
 
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
     server: VhostUserServer | None = None
+
+    def devices() -> list[VirtioDevice]:
+        session = server.session if server is not None else None
+        return [session.device] if session is not None else []
+
+    def stop() -> None:
+        if server is not None:
+            threading.Thread(target=server.stop, daemon=True).start()
+
     try:
         with contextlib.ExitStack() as stack:
             if args.fd is not None:
@@ -511,7 +696,24 @@ def _serve_vhost_user(
                 stall_timeout=args.peer_timeout,
                 takeover_wait=args.peer_timeout,
             )
+            if args.control_socket is not None:
+                try:
+                    control = stack.enter_context(listening_socket(args.control_socket))
+                except SocketError as exc:
+                    raise UsageError(f"--control-socket: {exc}") from None
+                own = commands(devices) if commands is not None else {}
+                handlers = {**common_commands(devices, stop), **own}
+                stack.callback(ControlServer(Commands(handlers), control).close)
+            if args.metrics_port is not None:
+                try:
+                    http, _ = start_http_server(
+                        args.metrics_port, addr="127.0.0.1", registry=registry_for(devices)
+                    )
+                except OSError as exc:
+                    raise UsageError(f"--metrics-port {args.metrics_port}: {exc}") from None
+                stack.callback(http.shutdown)
             log.info("serving %s on %s", what, where)
+            notify("READY=1")
             server.serve_forever()
     except _Shutdown as why:
         log.info("%s: shutting down", why)
@@ -554,7 +756,7 @@ def run_vsock(args: argparse.Namespace) -> int:
         raise UsageError("--guest-cid and --uds-path are required")
     _setup_logging(args.verbose)
     from pyvirtio.devices.vsock import VsockDevice
-    from pyvirtio.shims.vhost_user.server import SocketError, listening_socket
+    from pyvirtio.unix_socket import SocketError, listening_socket
 
     try:
         with listening_socket(args.uds_path) as listener:
@@ -610,28 +812,120 @@ def _literal(text: str) -> object:
         return text
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    module_name, _, class_name = args.device.partition(":")
+def _load_class(spec: str, items: list[str], base: type) -> tuple[type, dict[str, Any]]:
+    """The class ``MODULE:CLASS`` names (a ``base`` subclass, imported from the current
+    directory or PYTHONPATH) and the keyword arguments the ``--arg KEY=VALUE`` items give."""
+    module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        raise UsageError(f"{args.device!r} is not MODULE:CLASS")
+        raise UsageError(f"{spec!r} is not MODULE:CLASS")
     kwargs: dict[str, Any] = {}
-    for item in args.arg:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise UsageError(f"--arg {item!r} is not KEY=VALUE")
         kwargs[key] = _literal(value)
-    if args.print_capabilities:
-        print(json.dumps({"type": class_name.lower()}))
-        return 0
-    _check_vhost_user_args(args)
-    _setup_logging(args.verbose)
     sys.path.insert(0, os.getcwd())
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load {args.device}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, VirtioDevice)):
-        raise UsageError(f"{args.device} is not a pyvirtio.device.VirtioDevice class")
+        raise UsageError(f"cannot load {spec}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UsageError(f"{spec} is not a {base.__module__}.{base.__name__} class")
+    return cls, kwargs
+
+
+def _model(args: argparse.Namespace, base: type) -> Any:
+    """An instance of ``--model MODULE:CLASS`` (a ``base`` subclass) with the --arg values."""
+    cls, kwargs = _load_class(args.model, args.arg, base)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:
+        raise UsageError(f"{args.model}({kwargs}): {exc}") from None
+
+
+def run_gpio(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "gpio"}))
+        return 0
+    _check_vhost_user_args(args)
+    if args.model is None and args.arg:
+        raise UsageError("--arg goes with --model")
+    if args.model is not None and (args.device_list or args.line_names):
+        raise UsageError("--model makes its own lines: no -l or --line-names with it")
+    _setup_logging(args.verbose)
+    from pyvirtio.devices.gpio import GpioDevice, GpioModel, SimulatedGpio
+    from pyvirtio.management.commands import peripheral_command
+
+    if args.model is not None:
+        model: GpioModel = _model(args, GpioModel)
+    else:
+        spec = args.device_list or "s8"
+        if not spec.startswith("s") or not spec[1:].isdigit() or ":" in spec:
+            raise UsageError(
+                f"-l {spec!r}: one simulated device, s<N> (host gpiochips are not served)"
+            )
+        names = args.line_names.split(",") if args.line_names else []
+        try:
+            model = SimulatedGpio(int(spec[1:]), names)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def new_device() -> GpioDevice:
+        return GpioDevice(model, irq=not args.no_irq)
+
+    new_device().close()
+    what = f"{model.ngpio} GPIO lines ({type(model).__name__})"
+    _serve_vhost_user(
+        args, new_device, what, lambda _: {"peripheral": peripheral_command(model.control)}
+    )
+    return 0
+
+
+def run_i2c(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": "i2c"}))
+        return 0
+    _check_vhost_user_args(args)
+    if args.model is None and args.arg:
+        raise UsageError("--arg goes with --model")
+    _setup_logging(args.verbose)
+    from pyvirtio.devices.i2c import (
+        DEFAULT_DEVICE_LIST,
+        I2cBus,
+        I2cDevice,
+        I2cTarget,
+        parse_device_list,
+    )
+    from pyvirtio.management.commands import peripheral_command
+
+    spec = args.device_list or ("" if args.model else DEFAULT_DEVICE_LIST)
+    try:
+        targets = parse_device_list(spec) if spec else []
+        if args.model is not None:
+            targets.append(_model(args, I2cTarget))
+        bus = I2cBus(targets)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def new_device() -> I2cDevice:
+        return I2cDevice(bus)
+
+    what = "an I2C bus with " + ", ".join(
+        f"{t.kind} at {a:#04x}" for a, t in sorted(bus.targets.items())
+    )
+    _serve_vhost_user(
+        args, new_device, what, lambda _: {"peripheral": peripheral_command(bus.control)}
+    )
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps({"type": args.device.partition(":")[2].lower()}))
+        return 0
+    _check_vhost_user_args(args)
+    _setup_logging(args.verbose)
+    cls, kwargs = _load_class(args.device, args.arg, VirtioDevice)
 
     def new_device() -> VirtioDevice:
         device: VirtioDevice = cls(**kwargs)
@@ -771,6 +1065,45 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if result.errors or result.verify_errors else 0
 
 
+def run_ctl(args: argparse.Namespace) -> int:
+    from pyvirtio.management.client import ControlClient, ControlClientError
+
+    command, words = args.ctl_command, args.words
+    arguments: dict[str, object] = {}
+    if command == "resize":
+        if len(words) != 1:
+            raise UsageError("resize SIZE (bytes, or with k, m, g)")
+        try:
+            arguments["size"] = _size(words[0])
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(str(exc)) from None
+        if args.shrink:
+            arguments["shrink"] = True
+    elif command == "read-only":
+        if words not in (["on"], ["off"]):
+            raise UsageError("read-only on|off")
+        command, arguments["read-only"] = "set-read-only", words == ["on"]
+    elif command == "peripheral":
+        if not words:
+            raise UsageError("peripheral WORDS... (e.g. peripheral get 3)")
+        arguments["command"] = " ".join(words)
+    elif words:
+        raise UsageError(f"{command} takes no arguments")
+    try:
+        with ControlClient(args.socket) as client:
+            result = client.call(command, **arguments)
+    except ControlClientError as exc:
+        print(f"pyvirtio ctl: {exc}", file=sys.stderr)
+        return 1
+    if command == "metrics":
+        print(result["text"], end="")
+    elif command == "peripheral":
+        print(result["reply"])
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -786,12 +1119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_vsock(args)
         if args.command == "net":
             return run_net(args)
+        if args.command == "gpio":
+            return run_gpio(args)
+        if args.command == "i2c":
+            return run_i2c(args)
         if args.command == "serve":
             return run_serve(args)
         if args.command == "xen":
             return run_xen(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "ctl":
+            return run_ctl(args)
     except UsageError as exc:
         print(f"pyvirtio {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

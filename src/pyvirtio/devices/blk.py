@@ -192,6 +192,20 @@ class BlkDevice(VirtioDevice):
     def housekeeping(self) -> None:
         self.refresh_capacity()
 
+    def set_read_only(self, read_only: bool) -> None:
+        """Refuse writes from now on (IOERR), or take them again if the storage is writable.
+        A driver that negotiated its features keeps them (writes simply fail); a driver that
+        comes later is offered RO (and no DISCARD or WRITE_ZEROES) accordingly."""
+        if not read_only and self.image.read_only:
+            raise ValueError(f"{self.image.path} was opened read-only")
+        self.read_only = read_only
+        writes = bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
+        if not self.status:
+            if read_only:
+                self.change_offer(add=bit(BlkFeature.RO), remove=writes)
+            else:
+                self.change_offer(add=writes, remove=bit(BlkFeature.RO))
+
     def close(self) -> None:
         if not self.owns_image:
             return

@@ -10,11 +10,14 @@ The shape is QMP's (QEMU's machine protocol), so that tools and people who know 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pyvirtio.device import VirtioDevice
 from pyvirtio.management.metrics import metrics_text
+
+log = logging.getLogger(__name__)
 
 #: Longest command line accepted.
 MAX_LINE = 64 * 1024
@@ -85,6 +88,27 @@ def describe(device: VirtioDevice) -> dict[str, object]:
             for queue, stats in zip(device.queues, device.stats, strict=True)
         ],
     }
+
+
+def peripheral_command(control: Callable[[list[str]], str]) -> Handler:
+    """``peripheral``: one command of a simulated peripheral's own (``devices/control.py``),
+    ``{"execute": "peripheral", "arguments": {"command": "set 3 1"}}``, answered with
+    ``{"reply": ...}``."""
+    from pyvirtio.devices.control import ControlError
+
+    def run(arguments: Mapping[str, Any]) -> object:
+        command = arguments.get("command")
+        if not isinstance(command, str) or not command.split():
+            raise CommandError('"command" must be a peripheral command such as "get 3"')
+        try:
+            return {"reply": control(command.split())}
+        except ControlError as exc:
+            raise CommandError(str(exc), "PeripheralError") from None
+        except Exception:  # a model's bug: the peripheral and the daemon go on
+            log.exception("peripheral command %r failed", command)
+            raise CommandError("internal error (see the daemon's log)") from None
+
+    return run
 
 
 def common_commands(
