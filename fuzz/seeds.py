@@ -17,6 +17,7 @@ from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
     InflightDesc,
+    LogDesc,
     MemoryRegionDesc,
     VringAddr,
     VringState,
@@ -177,12 +178,14 @@ def vhost_user_conn() -> list[bytes]:
     kinds = {name: i for i, name in enumerate(FD_KINDS)}
     user = 0x7000_0000
     addr = VringAddr(0, 0, user, user + 0x200, user + 0x100, 0)
+    logged = VringAddr(0, 1, user, user + 0x200, user + 0x100, 0x200)  # VHOST_VRING_F_LOG
     region = MemoryRegionDesc(0, CONN_MEMORY, user, 0)
+    features = (1 << 32) | (1 << 30)
     msgs = [
         ("none", encode(FrontendReq.GET_FEATURES)),
-        ("none", encode(FrontendReq.SET_PROTOCOL_FEATURES, encode_u64(0xB229))),
+        ("none", encode(FrontendReq.SET_PROTOCOL_FEATURES, encode_u64(0xB22B))),
         ("none", encode(FrontendReq.SET_OWNER)),
-        ("none", encode(FrontendReq.SET_FEATURES, encode_u64((1 << 32) | (1 << 30)), flags=8)),
+        ("none", encode(FrontendReq.SET_FEATURES, encode_u64(features), flags=8)),
         ("memfd", encode(FrontendReq.SET_MEM_TABLE, encode_mem_table([region]), flags=8)),
         ("socket", encode(FrontendReq.SET_BACKEND_REQ_FD, flags=8)),
         ("none", encode(FrontendReq.GET_INFLIGHT_FD, InflightDesc(0, 0, 2, 16).encode())),
@@ -193,6 +196,9 @@ def vhost_user_conn() -> list[bytes]:
         ("eventfd", encode(FrontendReq.SET_VRING_ERR, encode_u64(0), flags=8)),
         ("eventfd", encode(FrontendReq.SET_VRING_KICK, encode_u64(0), flags=8)),
         ("none", encode(FrontendReq.SET_VRING_ENABLE, VringState(0, 1).encode(), flags=8)),
+        ("memfd", encode(FrontendReq.SET_LOG_BASE, LogDesc(4096, 0).encode())),
+        ("none", encode(FrontendReq.SET_FEATURES, encode_u64(features | 1 << 26), flags=8)),
+        ("none", encode(FrontendReq.SET_VRING_ADDR, logged.encode(), flags=8)),
         ("memfd", encode(FrontendReq.ADD_MEM_REG, encode_single_region(region), flags=8)),
         ("none", encode(FrontendReq.GET_VRING_BASE, VringState(0, 0).encode())),
         ("none", encode(FrontendReq.RESET_DEVICE, flags=8)),
