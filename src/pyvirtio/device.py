@@ -31,9 +31,11 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from typing import ClassVar, Protocol
 
+from pyvirtio.memory.dirty_log import DirtyLog
 from pyvirtio.memory.guest import GuestMemory
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.ids import DeviceId
+from pyvirtio.spec.ring import DescFlag
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.stats import QueueStats
 from pyvirtio.virtqueue.inflight import InflightRegion
@@ -121,6 +123,7 @@ class VirtioDevice:
         self.__events: DeviceEvents = _Unattached()
         self.__host: QueueHost = _CallerThread(self)
         self.__memory: GuestMemory | None = None
+        self.__dirty_log: DirtyLog | None = None
         self.__offered = self.device_features() | RING_FEATURES | bit(Feature.VERSION_1)
         self.__driver_features = 0
         self.__status = DeviceStatus(0)
@@ -419,6 +422,7 @@ class VirtioDevice:
                 indirect=self.negotiated(Feature.RING_INDIRECT_DESC),
                 last_avail_idx=last_avail_idx,
                 used_idx=used_idx,
+                dirty_log=self.__dirty_log,
             )
         except VirtqueueError as exc:
             if raise_errors:
@@ -426,6 +430,13 @@ class VirtioDevice:
             self.fail(str(exc))
             return
         self.__host.start(index)
+
+    def set_dirty_log(self, dirty_log: DirtyLog | None) -> None:
+        """Log every write to guest memory in ``dirty_log`` from now on (live migration), or
+        stop logging. Running queues pause while the log changes, so that no write of theirs
+        escapes it; the caller may release the previous log once this returns."""
+        with self.queues_paused():
+            self.__dirty_log = dirty_log
 
     @contextmanager
     def queues_paused(self) -> Iterator[None]:
@@ -493,6 +504,10 @@ class VirtioDevice:
     def __complete(self, queue: SplitQueue, chain: DescriptorChain, written: int) -> None:
         if chain.held:
             self.__release(chain)
+        if queue.logging:
+            for addr, length, flags in chain.descriptors:
+                if flags & DescFlag.WRITE:
+                    queue.log_write(addr, length)
         queue.push(chain.head, written)
 
     def __release(self, chain: DescriptorChain) -> None:

@@ -545,6 +545,7 @@ class GpioDevice(VirtioDevice, GpioListener):
                 if memory is not None:
                     memory.buffers(held.status_addr, 1, True, hold)[0][0] = state
                     written = IRQ_RESPONSE_SIZE
+                    queue.log_write(held.status_addr, 1)
             except GuestMemoryError as exc:
                 self._errors.warning("gpio: event buffer %d: %s", held.head, exc)
             finally:

@@ -8,6 +8,8 @@ load generator and the vhost-user tests drive any vhost-user back-end without a 
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import select
 import time
@@ -15,10 +17,14 @@ from collections.abc import Sequence
 
 from pyvirtio.driver.vhost_user_frontend import FrontendError, VhostUserFrontend
 from pyvirtio.driver.virtqueue import DriverQueue, GuestAllocator
+from pyvirtio.memory.atomic import address_of, exchange_u64
+from pyvirtio.memory.dirty_log import LOG_PAGE
 from pyvirtio.memory.guest import GuestMemory, MemoryRegion
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.vhost_user.protocol import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
+    VRING_F_LOG,
     FrontendReq,
     InflightDesc,
     MemoryRegionDesc,
@@ -33,6 +39,7 @@ FRONTEND_PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | bit(ProtocolFeature.INFLIGHT_SHMFD)
+    | bit(ProtocolFeature.LOG_SHMFD)
 )
 #: Where guest RAM starts in the address space we present.
 GUEST_RAM_BASE = 0x4000_0000
@@ -68,6 +75,7 @@ class VhostUserDriver:
         #: The in-flight tracking area, kept across reconnections as QEMU keeps it.
         self.inflight: tuple[InflightDesc, int] | None = None
         self.interrupts = 0
+        self._log: mmap.mmap | None = None
 
     # -- DriverTransport -----------------------------------------------------------------------
 
@@ -78,8 +86,12 @@ class VhostUserDriver:
         offered = fe.get_features()
         self.features = offered & (wanted | bit(Feature.VERSION_1))
         self._protocol_negotiated = bool(offered & bit(F_PROTOCOL_FEATURES))
-        fe.set_features(self.features | (offered & bit(F_PROTOCOL_FEATURES)))
+        self._set_features(logging=False)
         return self.features
+
+    def _set_features(self, *, logging: bool) -> None:
+        extra = bit(F_PROTOCOL_FEATURES) if self._protocol_negotiated else 0
+        self.frontend.set_features(self.features | extra | (bit(F_LOG_ALL) if logging else 0))
 
     def has(self, feature: int) -> bool:
         return has(self.features, feature)
@@ -115,7 +127,75 @@ class VhostUserDriver:
         self._hand_over_rings()
         return self.queues
 
-    def _hand_over_rings(self) -> None:
+    # -- live migration ------------------------------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        """Have the back-end log its writes to guest memory, as QEMU does when a migration
+        starts: SET_LOG_BASE (a sealed memfd, a bit per page), VHOST_F_LOG_ALL, and
+        VHOST_VRING_F_LOG on the running rings."""
+        size = -(-(GUEST_RAM_BASE + self.memory_size) // (LOG_PAGE * 8 * 8)) * 8
+        fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+            self._log = mmap.mmap(fd, size)
+            self.frontend.set_log_base(fd, size)
+        finally:
+            os.close(fd)
+        self._set_features(logging=True)
+        for queue in self.queues:
+            self.frontend.set_vring_addr(self._vring_addr(queue, logging=True))
+
+    def stop_dirty_log(self) -> None:
+        """The migration ended: no more logging (the log stays mapped on both sides)."""
+        self._set_features(logging=False)
+        for queue in self.queues:
+            self.frontend.set_vring_addr(self._vring_addr(queue, logging=False))
+
+    def collect_dirty_pages(self) -> set[int]:
+        """The guest-physical pages logged since the last call, cleared as QEMU clears them
+        (an atomic exchange per 64 pages, while the back-end goes on logging)."""
+        assert self._log is not None
+        view = memoryview(self._log)
+        base = address_of(view)
+        pages: set[int] = set()
+        for offset in range(0, len(view), 8):
+            word = exchange_u64(base + offset, 0) if any(view[offset : offset + 8]) else 0
+            while word:
+                low = word & -word
+                pages.add(offset * 8 + low.bit_length() - 1)
+                word ^= low
+        view.release()
+        return pages
+
+    def _vring_addr(self, queue: DriverQueue, *, logging: bool) -> VringAddr:
+        to_user = USER_ADDR_BASE - GUEST_RAM_BASE
+        return VringAddr(
+            queue.index,
+            1 << VRING_F_LOG if logging else 0,
+            queue.desc_addr + to_user,
+            queue.used_addr + to_user,
+            queue.avail_addr + to_user,
+            queue.used_addr,
+        )
+
+    def migrate(self, path: str, bases: Sequence[int]) -> None:
+        """Go on with another back-end, as the destination of a live migration does: a new
+        connection, a fresh in-flight area, and the rings resumed at ``bases`` (what the
+        source's GET_VRING_BASE answered). The guest memory is the same: a migration has
+        made it equal by then."""
+        self.frontend.close()
+        self.frontend = VhostUserFrontend(path, timeout=self.frontend.timeout)
+        if self.inflight is not None:
+            os.close(self.inflight[1])
+            self.inflight = None
+        features = self.features
+        self.negotiate(features)
+        if self.features != features:
+            raise FrontendError("the destination back-end offers other features")
+        self._hand_over_rings(bases)
+
+    def _hand_over_rings(self, bases: Sequence[int] | None = None) -> None:
         """Memory table, in-flight area and vrings, as a VMM starts (or restarts) a device."""
         fe = self.frontend
         fe.set_mem_table(
@@ -126,22 +206,13 @@ class VhostUserDriver:
                 size = max(q.size for q in self.queues)
                 self.inflight = fe.get_inflight_fd(len(self.queues), size)
             fe.set_inflight_fd(*self.inflight)
-        to_user = USER_ADDR_BASE - GUEST_RAM_BASE
         for queue in self.queues:
             index = queue.index
             fe.set_vring_num(index, queue.size)
-            # The used index in guest memory: what a VMM that lost its back-end knows for sure.
-            fe.set_vring_base(index, queue.used_idx)
-            fe.set_vring_addr(
-                VringAddr(
-                    index,
-                    0,
-                    queue.desc_addr + to_user,
-                    queue.used_addr + to_user,
-                    queue.avail_addr + to_user,
-                    0,
-                )
-            )
+            # Without bases, the used index in guest memory: what a VMM that lost its back-end
+            # knows for sure.
+            fe.set_vring_base(index, queue.used_idx if bases is None else bases[index])
+            fe.set_vring_addr(self._vring_addr(queue, logging=False))
             fe.set_vring_fd(FrontendReq.SET_VRING_CALL, index, self.call_fds[index])
             fe.set_vring_fd(FrontendReq.SET_VRING_KICK, index, self.kick_fds[index])
             if self._protocol_negotiated:
@@ -204,5 +275,8 @@ class VhostUserDriver:
         if self.inflight is not None:
             os.close(self.inflight[1])
             self.inflight = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         self.kick_fds, self.call_fds = [], []
         self.queues = []

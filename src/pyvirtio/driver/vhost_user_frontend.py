@@ -16,6 +16,7 @@ from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
     InflightDesc,
+    LogDesc,
     MemoryRegionDesc,
     Message,
     ProtocolError,
@@ -221,6 +222,11 @@ class VhostUserFrontend:
 
     def set_inflight_fd(self, desc: InflightDesc, fd: int) -> None:
         self.command(FrontendReq.SET_INFLIGHT_FD, desc.encode(), [fd])
+
+    def set_log_base(self, fd: int, size: int) -> None:
+        """SET_LOG_BASE with LOG_SHMFD: the back-end logs into ``size`` bytes of ``fd`` and
+        answers once it does (the answer's contents do not matter: libvhost-user's is not 0)."""
+        self.request(FrontendReq.SET_LOG_BASE, LogDesc(size, 0).encode(), [fd])
 
     def reset_device(self) -> None:
         self.command(FrontendReq.RESET_DEVICE)

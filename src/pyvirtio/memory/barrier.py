@@ -23,21 +23,21 @@ _MEMORY_ORDER_RELEASE = 3
 _MEMORY_ORDER_SEQ_CST = 5
 
 
-def _load_fence() -> Callable[[int], None]:
+def _load_libatomic() -> ctypes.CDLL:
     name = ctypes.util.find_library("atomic") or "libatomic.so.1"
     try:
-        lib = ctypes.CDLL(name)
+        return ctypes.CDLL(name)
     except OSError as exc:
         raise ImportError(
             "pyvirtio needs libatomic (Debian package libatomic1) for memory barriers"
         ) from exc
-    fence = lib.atomic_thread_fence
-    fence.argtypes = [ctypes.c_int]
-    fence.restype = None
-    return fence
 
 
-_fence = _load_fence()
+#: GCC's libatomic: fences here, atomic operations in ``memory/atomic.py``.
+libatomic = _load_libatomic()
+_fence = libatomic.atomic_thread_fence
+_fence.argtypes = [ctypes.c_int]
+_fence.restype = None
 
 #: Orders every earlier load and store before every later one.
 full_fence: Callable[[], None] = functools.partial(_fence, _MEMORY_ORDER_SEQ_CST)

@@ -182,6 +182,9 @@ VRING_ADDR = struct.Struct("<IIQQQQ")
 MEMORY_REGION = struct.Struct("<QQQQ")
 CONFIG_HEADER = struct.Struct("<III")
 INFLIGHT = struct.Struct("<QQHH")
+LOG = struct.Struct("<QQ")
+#: SET_VRING_ADDR flags: log the used ring's writes at ``log`` (a guest-physical address).
+VRING_F_LOG = 0
 #: Bits of the u64 of SET_VRING_KICK/CALL/ERR.
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
@@ -295,6 +298,21 @@ class ConfigPayload:
 
     def encode(self) -> bytes:
         return CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.data
+
+
+@dataclass(frozen=True)
+class LogDesc:
+    """SET_LOG_BASE: the dirty log is ``mmap_size`` bytes of the fd at ``mmap_offset``."""
+
+    mmap_size: int
+    mmap_offset: int
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LogDesc:
+        return cls(*_exact(payload, LOG, "log"))
+
+    def encode(self) -> bytes:
+        return LOG.pack(self.mmap_size, self.mmap_offset)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pyvirtio.memory.barrier import acquire_fence, full_fence, release_fence
+from pyvirtio.memory.dirty_log import DirtyLog
 from pyvirtio.memory.guest import GuestMemory, GuestMemoryError, Transient
 from pyvirtio.spec import ring
 from pyvirtio.spec.ring import DESC, DESC_SIZE, DescFlag
@@ -136,6 +137,7 @@ class SplitQueue:
         self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
         self._used32: memoryview | None = None  # le32 view: flags|idx, (id, len) * size, ...
         self._resubmit: list[int] = []
+        self._dirty_log: DirtyLog | None = None
 
     def configure(self, layout: QueueLayout) -> None:
         """Size and ring addresses, from the driver; raises VirtqueueError for a size the
@@ -173,11 +175,14 @@ class SplitQueue:
         indirect: bool,
         last_avail_idx: int = 0,
         used_idx: int | None = 0,
+        dirty_log: DirtyLog | None = None,
     ) -> None:
         """Map the rings and start using them; raises VirtqueueError for a bad layout.
 
         ``last_avail_idx`` lets vhost-user's SET_VRING_BASE resume a ring; ``used_idx=None``
-        resumes the used ring where guest memory says it is (a ring that ran before).
+        resumes the used ring where guest memory says it is (a ring that ran before). With a
+        ``dirty_log`` (live migration), every write to the used ring is logged, and
+        :meth:`log_write` logs the device's writes to buffers.
         """
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
@@ -204,6 +209,7 @@ class SplitQueue:
         self._used32 = used[: 4 + ring.USED_ELEM_SIZE * size].cast("I")
         self._memory = memory
         self._flat = memory.direct_regions()
+        self._dirty_log = dirty_log
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail_idx = last_avail_idx & 0xFFFF
@@ -231,6 +237,7 @@ class SplitQueue:
         self._avail = self._used16 = self._used32 = self._desc = None
         self._memory = None
         self._flat = []
+        self._dirty_log = None
 
     # -- available ring ------------------------------------------------------------------------
 
@@ -422,9 +429,28 @@ class SplitQueue:
             self.inflight.published(new)
         full_fence()
         self._signalled_used = new
+        if self._dirty_log is not None:
+            self._log_used_ring()
         if self.event_idx:
             return ring.need_event(avail[2 + self.size], new, old)
         return not avail[0] & ring.AvailFlag.NO_INTERRUPT
+
+    # -- live migration ------------------------------------------------------------------------
+
+    @property
+    def logging(self) -> bool:
+        """Whether the device's writes to guest memory are logged (live migration)."""
+        return self._dirty_log is not None
+
+    def log_write(self, addr: int, length: int) -> None:
+        """The device wrote guest-physical ``[addr, addr + length)`` for this queue: log it if
+        the queue logs (call after the write, before the buffer is pushed)."""
+        if self._dirty_log is not None:
+            self._dirty_log.mark(addr, length)
+
+    def _log_used_ring(self) -> None:
+        assert self._dirty_log is not None
+        self._dirty_log.mark(self.used_addr, ring.used_ring_size(self.size))
 
     # -- driver notifications (kicks) ----------------------------------------------------------
 
@@ -434,6 +460,8 @@ class SplitQueue:
             used16 = self._used16
             assert used16 is not None
             used16[0] = ring.UsedFlag.NO_NOTIFY
+            if self._dirty_log is not None:
+                self._log_used_ring()
 
     def enable_notifications(self, *, new_only: bool = False) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (drain again).
@@ -448,6 +476,8 @@ class SplitQueue:
             used16[2 + 4 * self.size] = seen if new_only else self.last_avail_idx
         else:
             used16[0] = 0
+        if self._dirty_log is not None:
+            self._log_used_ring()
         full_fence()
         if new_only:
             return self.avail_idx() != seen

@@ -38,6 +38,7 @@ from pyvirtio.shims.vhost_user.inflight_area import (
     allocate,
     check_request,
 )
+from pyvirtio.shims.vhost_user.log_area import LogArea, LogAreaError
 from pyvirtio.shims.vhost_user.memory_table import (
     MAX_MEM_SLOTS,
     Entry,
@@ -56,6 +57,7 @@ from pyvirtio.vhost_user.protocol import (
     ConfigPayload,
     FrontendReq,
     InflightDesc,
+    LogDesc,
     Message,
     ProtocolError,
     ProtocolFeature,
@@ -81,7 +83,10 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.RESET_DEVICE)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | bit(ProtocolFeature.INFLIGHT_SHMFD)
+    | bit(ProtocolFeature.LOG_SHMFD)
 )
+#: Feature bits of vhost itself, beside the device's: SET_FEATURES strips them.
+_VHOST_FEATURES = bit(F_PROTOCOL_FEATURES) | bit(F_LOG_ALL)
 #: How long the front-end may take to read one message on the back-end channel.
 CHANNEL_TIMEOUT = 1.0
 
@@ -98,6 +103,7 @@ _REFUSALS = (
     FeatureError,
     MemoryTableError,
     InflightError,
+    LogAreaError,
     PeerFdError,
     VirtqueueError,
 )
@@ -116,6 +122,10 @@ class VhostUserSession:
         self.vrings = [Vring(i) for i in range(len(device.queues))]
         self.memory_table = MemoryTable()
         self.inflight: InflightArea | None = None
+        #: The dirty log the front-end gave (SET_LOG_BASE), and the one the device logs into
+        #: (the same while VHOST_F_LOG_ALL is negotiated).
+        self.log_area: LogArea | None = None
+        self._logging: LogArea | None = None
         self.backend_channel: socket.socket | None = None
         self._channel_lock = threading.Lock()
         self.runner = QueueRunner(device, unblock=self._unblock)
@@ -131,6 +141,7 @@ class VhostUserSession:
             FrontendReq.RESET_OWNER: self._reset_owner,
             FrontendReq.GET_QUEUE_NUM: self._get_queue_num,
             FrontendReq.SET_MEM_TABLE: self._set_mem_table,
+            FrontendReq.SET_LOG_BASE: self._set_log_base,
             FrontendReq.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
             FrontendReq.ADD_MEM_REG: self._add_mem_reg,
             FrontendReq.REM_MEM_REG: self._rem_mem_reg,
@@ -160,7 +171,9 @@ class VhostUserSession:
         (the front-end would go on as if it had worked).
         """
         handler = self._handlers.get(msg.request)
-        expects_reply = msg.request in REQUESTS_WITH_REPLY
+        expects_reply = msg.request in REQUESTS_WITH_REPLY or (
+            msg.request == FrontendReq.SET_LOG_BASE and self.has_protocol(ProtocolFeature.LOG_SHMFD)
+        )
         if handler is None:
             if msg.need_reply and not expects_reply:
                 self._errors.warning("unsupported %s; answering with a failure", msg.name())
@@ -195,14 +208,18 @@ class VhostUserSession:
     # -- features ------------------------------------------------------------------------------
 
     def _get_features(self, msg: Message) -> bytes:
-        return encode_u64(self.device.offered_features | bit(F_PROTOCOL_FEATURES))
+        return encode_u64(self.device.offered_features | _VHOST_FEATURES)
 
     def _set_features(self, msg: Message) -> None:
+        """The front-end's features. A migration sets and clears VHOST_F_LOG_ALL while the
+        rings run, with the device's features unchanged: that only switches logging."""
         features = decode_u64(msg.payload)
-        if features & bit(F_LOG_ALL):
-            raise SessionError("dirty page logging (migration) is not supported")
-        self.device.negotiate(features & ~bit(F_PROTOCOL_FEATURES))
+        device_features = features & ~_VHOST_FEATURES
+        running = any(v.running for v in self.vrings)
+        if not running or device_features != self.features & ~_VHOST_FEATURES:
+            self.device.negotiate(device_features)
         self.features = features
+        self._update_logging()
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         return encode_u64(self.offered_protocol_features)
@@ -280,6 +297,34 @@ class VhostUserSession:
             raise SessionError(f"vring {vring.index}: {what} at {user:#x} is in no memory region")
         return gpa
 
+    # -- live migration: the dirty log ---------------------------------------------------------
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        """The dirty log to use while VHOST_F_LOG_ALL is negotiated (LOG_SHMFD: the reply says
+        the back-end has it). Writes to the used ring are logged at the used ring's guest
+        address, the one SET_VRING_ADDR's ``log`` also names."""
+        if not self.has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD (no shared log)")
+        desc = LogDesc.decode(msg.payload)
+        area = LogArea(self._one_fd(msg), desc)
+        old, self.log_area = self.log_area, area
+        self._update_logging()
+        if old is not None:
+            old.close()
+        return encode_u64(0)
+
+    def _update_logging(self) -> None:
+        """Have the device log into the front-end's log exactly while LOG_ALL is negotiated."""
+        want = self.log_area if self.features & bit(F_LOG_ALL) else None
+        if want is self._logging:
+            return
+        self.device.set_dirty_log(want.dirty_log if want is not None else None)
+        if want is not None and self._logging is None:
+            log.info("dirty page logging on (%d KiB log)", want.size // 1024)
+        elif want is None:
+            log.info("dirty page logging off")
+        self._logging = want
+
     # -- vrings --------------------------------------------------------------------------------
 
     def _set_vring_num(self, msg: Message) -> None:
@@ -296,7 +341,11 @@ class VhostUserSession:
         addr = VringAddr.decode(msg.payload)
         vring = self._vring(addr.index)
         if vring.running:
-            raise SessionError(f"vring {addr.index}: addresses changed while it runs")
+            # A migration sets VHOST_VRING_F_LOG on running rings (the same addresses).
+            old = vring.addr
+            assert old is not None
+            if (addr.desc, addr.avail, addr.used) != (old.desc, old.avail, old.used):
+                raise SessionError(f"vring {addr.index}: addresses changed while it runs")
         vring.addr = addr
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -492,6 +541,7 @@ class VhostUserSession:
             vring.enabled = False
             vring.close()
         self.features = 0
+        self._update_logging()
         self.device.reset()
 
     def close(self) -> None:
@@ -499,6 +549,9 @@ class VhostUserSession:
         self.reset()
         self.runner.close()
         self._detach_inflight()
+        if self.log_area is not None:
+            self.log_area.close()
+            self.log_area = None
         self.device.set_memory(None)
         self.memory_table.close()
         with self._channel_lock:
