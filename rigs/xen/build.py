@@ -80,7 +80,7 @@ def _digest(*parts: object, files: Sequence[Path] = ()) -> str:
 
 _RESOLVER_SOURCES = [Path(m.__file__ or "") for m in (elf, libs, packages, tree)]
 # Sources that do not shape the archives.
-_RUN_ONLY = ("qemu.py", "harness.py", "grant_kernel.py")
+_RUN_ONLY = ("qemu.py", "harness.py", "grant_kernel.py", "flask.py")
 
 
 def _archive_sources() -> list[Path]:

@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--verbose", action="store_true", help="dom0 kernel without quiet")
     parser.add_argument(
+        "--xen-arg", action="append", default=[], help="more of the hypervisor's command line"
+    )
+    parser.add_argument(
         "--grant-kernel",
         action="store_true",
         help=f"build rigs.xen.grant_kernel and put it at /domu/{GRANT_IMAGE_NAME}",
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         backend_ready=args.ready,
         timeout=args.timeout,
         quiet=not args.verbose,
+        xen_args=tuple(args.xen_arg),
         domu_kernels=kernels,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rigs-xen-"))

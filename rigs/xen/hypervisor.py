@@ -3,9 +3,12 @@
 Debian's arm64 build has ``CONFIG_IOREQ_SERVER`` off (it needs ``CONFIG_EXPERT``), so the
 hypervisor is cross-built from the orig tarball with Debian's own configuration
 (``/boot/xen-4.17-arm64.config`` of ``xen-hypervisor-4.17-arm64``, same version) plus
-``CONFIG_EXPERT=y`` and ``CONFIG_IOREQ_SERVER=y``. The result is cached under
-``<cache>/xen/hypervisor/<version>-<hash>/xen``; the hash covers the configuration and the
-compiler version.
+``CONFIG_EXPERT=y`` and ``CONFIG_IOREQ_SERVER=y``, and with a built-in Flask policy
+(``CONFIG_XSM_FLASK_POLICY=y``: Xen's example policy plus the rig's driver domain module, see
+:mod:`rigs.xen.flask`; compiled by the host's ``checkpolicy``), which only a boot with
+``xsm=flask`` uses. The result is cached under ``<cache>/xen/hypervisor/<version>-<hash>/xen``;
+the hash covers the configuration, the policy module and the compiler's and checkpolicy's
+versions.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -23,13 +27,14 @@ from rigs.host import find_tool
 from rigs.kernel import kconfig_value
 from rigs.xen.apt import ForeignApt, newest_source
 from rigs.xen.crossbuild import CROSS_COMPILE, compiler_version, run_logged
+from rigs.xen.flask import MODULE, add_policy_module
 from rigs.xen.packages import Packages
 
 SOURCE_PACKAGE = "xen"
 CONFIG_PACKAGE = "xen-hypervisor-4.17-arm64"
 CONFIG_FILE = "boot/xen-4.17-arm64.config"
-EXTRA_CONFIG = ("CONFIG_EXPERT=y", "CONFIG_IOREQ_SERVER=y")
-BUILD_FORMAT = 1  # bump to rebuild
+EXTRA_CONFIG = ("CONFIG_EXPERT=y", "CONFIG_IOREQ_SERVER=y", "CONFIG_XSM_FLASK_POLICY=y")
+BUILD_FORMAT = 2  # bump to rebuild
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,18 @@ def ensure_hypervisor(packages: Packages, version: str, orig: Path, into: Path) 
     if not base_config.is_file():
         raise RigError(f"{debian.key} has no /{CONFIG_FILE}")
     config_text = base_config.read_text() + "".join(f"{c}\n" for c in EXTRA_CONFIG)
+    checkpolicy = subprocess.run(
+        [str(find_tool("checkpolicy")), "-V"], capture_output=True, text=True
+    ).stdout
     digest = hashlib.sha256(
-        f"{BUILD_FORMAT}\n{debian.key}\n{config_text}\n{compiler_version()}".encode()
+        f"{BUILD_FORMAT}\n{debian.key}\n{config_text}\n{compiler_version()}\n{checkpolicy}\n"
+        f"{MODULE.read_text()}".encode()
     ).hexdigest()[:12]
     out = into / f"{version}-{digest}"
     built = Hypervisor(version, out / "xen", out / "config")
     if built.image.is_file() and built.config.is_file():
         return built
-    for tool in ("make", "flex", "bison", f"{CROSS_COMPILE}gcc", f"{CROSS_COMPILE}ld"):
+    for tool in ("make", "flex", "bison", "m4", f"{CROSS_COMPILE}gcc", f"{CROSS_COMPILE}ld"):
         find_tool(tool)
     into.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
@@ -81,6 +90,7 @@ def ensure_hypervisor(packages: Packages, version: str, orig: Path, into: Path) 
         if len(tops) != 1 or not (tops[0] / "xen" / "Makefile").is_file():
             raise RigError(f"{orig.name} does not unpack to one tree with xen/Makefile")
         src = tops[0]
+        add_policy_module(src)
         (src / "xen" / ".config").write_text(config_text)
         log = work / "build.log"
         _make(["olddefconfig"], src, log)

@@ -147,6 +147,9 @@ def finish_dom0(tree: FileTree, kernel: Kernel) -> None:
     add_common(tree, kernel, DOM0_MODULES)
     tree.add_bytes("init", _sh("dom0-init.sh"), 0o755)
     tree.add_bytes("etc/rigs/lib.sh", _sh("dom0-lib.sh"))
+    # A driver domain boots from a copy of dom0's root (dom0-lib.sh: domd_start).
+    tree.add_bytes("etc/rigs/domd-init.sh", _sh("domd-init.sh"), 0o755)
+    tree.add_bytes("etc/rigs/domd-lib.sh", _sh("domd-lib.sh"))
     tree.add_symlink("usr/bin/python3", "python3.11")
     tree.add_file(f"{DOMU_DIR}/Image", kernel.vmlinuz, 0o644, origin="kernel")
     for d in ("var/lib/xen", "var/lib/xenstored", "var/log/xen/console", PYVIRTIO_DIR):

@@ -4,6 +4,7 @@ memory map changes (issue: hostile peers, Xen)."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import Iterator
@@ -31,9 +32,9 @@ NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.IN
 
 class _Mapping(ForeignMapping):
     def __init__(
-        self, owner: FakePrivcmd, m: mmap.mmap, gfn: int, count: int, bad: frozenset[int]
+        self, owner: FakePrivcmd, m: mmap.mmap, gfn: int, count: int, errors: dict[int, int]
     ) -> None:
-        super().__init__(m, gfn, count, bad)
+        super().__init__(m, gfn, count, errors)
         self.owner = owner
         owner.live_pages += count
         owner.peak_pages = max(owner.peak_pages, owner.live_pages)
@@ -55,11 +56,10 @@ class FakePrivcmd:
     def map(self, domid: int, gfn: int, count: int) -> ForeignMapping:
         if self.first <= gfn and gfn + count <= self.first + self.pages:
             m = mmap.mmap(self.fd, count << PAGE_SHIFT, offset=(gfn - self.first) << PAGE_SHIFT)
-            return _Mapping(self, m, gfn, count, frozenset())
+            return _Mapping(self, m, gfn, count, {})
         # Not RAM of the guest: Xen refuses every frame (what is mapped is never touched).
-        return _Mapping(
-            self, mmap.mmap(-1, count << PAGE_SHIFT), gfn, count, frozenset(range(count))
-        )
+        refused = dict.fromkeys(range(count), errno.EINVAL)
+        return _Mapping(self, mmap.mmap(-1, count << PAGE_SHIFT), gfn, count, refused)
 
     def close(self) -> None:
         pass

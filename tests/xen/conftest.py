@@ -37,7 +37,7 @@ def xen_rig() -> XenRig:
 @pytest.fixture
 def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
     """``xen_run(dom0_script, domu_scripts={...}, backend=..., check=True, domu_kernels=...,
-    domu_files=...)``: boot once."""
+    domu_files=..., xen_args=...)``: boot once."""
 
     def run(
         dom0_script: str,
@@ -48,6 +48,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
         timeout: float = 900.0,
         domu_kernels: Mapping[str, Path] | None = None,
         domu_files: Mapping[str, bytes] | None = None,
+        xen_args: tuple[str, ...] = (),
     ) -> GuestResult:
         test = XenTest(
             dom0_script,
@@ -57,6 +58,7 @@ def xen_run(xen_rig: XenRig, tmp_path: Path) -> Runner:
             timeout=timeout,
             domu_kernels=domu_kernels or {},
             domu_files=domu_files or {},
+            xen_args=xen_args,
         )
         result = test.run(xen_rig, tmp_path / "xen", check=check)
         print(f"xen run: {result.elapsed:.1f} s wall, console {result.console_path}")

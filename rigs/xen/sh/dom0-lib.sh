@@ -13,6 +13,7 @@ DOMU_MEMORY=${DOMU_MEMORY:-256}
 DOMU_EXTRA=${DOMU_EXTRA:-quiet}
 BACKEND_PID=
 BACKEND_LOG=/tmp/backend.log
+BACKEND_PID_FILE=/run/rigs-backend.pid
 
 result() { _k=$1; shift; echo "@@RESULT $_k $*"; }
 say() { echo "## $*"; }
@@ -30,6 +31,7 @@ backend_start() {
     _t0=$(now)
     sh -c "exec $RIGS_BACKEND $*" >>"$BACKEND_LOG" 2>&1 &
     BACKEND_PID=$!
+    echo "$BACKEND_PID" >"$BACKEND_PID_FILE"
     _ticks=0
     while :; do
         if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
@@ -78,10 +80,11 @@ backend_log() { [ -f "$BACKEND_LOG" ] && sed 's/^/backend| /' "$BACKEND_LOG"; }
 # make_disk PATH MIB: a zero-filled (sparse) raw image in dom0's RAM.
 make_disk() { rm -f "$1"; truncate -s "${2}M" "$1"; }
 
-# vdisk VDEV PATH [rw|ro]: one entry of an xl "disk = [...]" list (a virtio disk that the
-# standalone backend serves).
+# vdisk VDEV PATH [rw|ro] [BACKEND]: one entry of an xl "disk = [...]" list (a virtio disk that
+# the standalone backend serves; in domain BACKEND, by name, instead of dom0 if given). xl
+# takes everything after "target=" as the path, so it comes last.
 vdisk() {
-    echo "'format=raw, vdev=$1, access=${3:-rw}, backendtype=standalone, specification=virtio, target=$2'"
+    echo "'format=raw, vdev=$1, access=${3:-rw}, backendtype=standalone, specification=virtio, ${4:+backend=$4, }target=$2'"
 }
 
 # domu_kernel NAME: boot the domUs configured from now on with /domu/NAME, a kernel the test
@@ -189,3 +192,81 @@ domu_run() {
 
 # xs_dump [PATH=/]: xenstore-ls -f PATH, copied to the console ("xs| " prefix).
 xs_dump() { xenstore-ls -f "${1:-/}" 2>&1 | sed 's/^/xs| /'; }
+
+# --- a driver domain (DomD) -----------------------------------------------------------------
+DOMD_KERNEL=${DOMD_KERNEL:-/domu/Image}
+DOMD_MEMORY=${DOMD_MEMORY:-384}
+DOMD_SEQ=0
+
+# domd_image: /tmp/domd.cpio, DomD's initramfs: dom0's root file system without the domU
+# kernels and images (/domu) and without anything mounted (so files a test wrote under /etc
+# before are in it). Made once per boot.
+domd_image() {
+    [ -f /tmp/domd.cpio ] && return 0
+    (cd / && find . -xdev ! -path './domu' ! -path './domu/*' | cpio -o -H newc >/tmp/domd.cpio 2>/dev/null) \
+        || fail "cannot make DomD's initramfs"
+    result domd.initrd_bytes "$(wc -c </tmp/domd.cpio)"
+}
+
+# domd_config NAME [XL LINES...]: /etc/xen/NAME.cfg for a driver domain (driver_domain = 1)
+# that boots $DOMD_KERNEL with domd_image and /etc/rigs/domd-init.sh; more xl lines (e.g.
+# seclabel = "...") are appended.
+domd_config() {
+    _name=$1
+    shift
+    mkdir -p /etc/xen
+    cat >"/etc/xen/$_name.cfg" <<CFG
+name = "$_name"
+kernel = "$DOMD_KERNEL"
+ramdisk = "/tmp/domd.cpio"
+extra = "console=hvc0 rdinit=/etc/rigs/domd-init.sh quiet"
+memory = $DOMD_MEMORY
+vcpus = 1
+driver_domain = 1
+on_crash = "preserve"
+CFG
+    for _line in "$@"; do echo "$_line" >>"/etc/xen/$_name.cfg"; done
+}
+
+# domd_start NAME [XL LINES...]: create the driver domain NAME and wait (300 s) until it takes
+# snippets (domd_sh); returns xl create's status or 124.
+domd_start() {
+    _name=$1
+    domd_image
+    domd_config "$@"
+    domu_create "$_name" || return $?
+    _ticks=0
+    until grep -q '@@GUEST-READY' "$CONSOLE_DIR/guest-$_name.log" 2>/dev/null; do
+        _ticks=$((_ticks + 1))
+        if [ "$_ticks" -gt 3000 ] || ! domu_exists "$_name"; then
+            domu_console "$_name"
+            return 124
+        fi
+        usleep 100000
+    done
+    result "$_name.domid" "$(xl domid "$_name")"
+}
+
+# domd_sh NAME SNIPPET [TIMEOUT=600]: run SNIPPET (busybox sh, with dom0-lib.sh and
+# domd-lib.sh sourced, in a subshell) in driver domain NAME; returns its status (124: no
+# answer in time).
+domd_sh() {
+    _id=$(xl domid "$1" 2>/dev/null) || return 126
+    DOMD_SEQ=$((DOMD_SEQ + 1))
+    _dir=/local/domain/$_id/data
+    xenstore-write "$_dir/rigs-cmd" "$2" "$_dir/rigs-seq" "$DOMD_SEQ" || return 126
+    _ticks=0
+    _limit=$((${3:-600} * 10))
+    until _rc=$(xenstore-read "$_dir/rigs-rc-$DOMD_SEQ" 2>/dev/null); do
+        _ticks=$((_ticks + 1))
+        [ "$_ticks" -gt "$_limit" ] && { say "DomD $1: snippet $DOMD_SEQ gave no answer"; return 124; }
+        usleep 50000
+    done
+    return "$_rc"
+}
+
+# --- Flask ----------------------------------------------------------------------------------
+# flask_mode: the hypervisor's XSM as a result (flask.mode: Enforcing or Permissive with
+# "xsm=flask" on Xen's command line, which uses the policy built into the rig's hypervisor,
+# rigs/xen/flask.py; otherwise xl's answer that Flask is off).
+flask_mode() { result flask.mode "$(xl getenforce 2>&1 | head -n 1)"; }

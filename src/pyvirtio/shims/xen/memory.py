@@ -21,6 +21,7 @@ include one are outside guest memory as far as devices are concerned.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import OrderedDict
@@ -215,8 +216,9 @@ class ForeignGuestMemory(GuestMemory):
         offset = addr & (BUCKET_SIZE - 1)
         if mapping.bad:
             first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
-            if any(first <= page <= last for page in mapping.bad):
-                raise GuestMemoryError(addr, length, "is not RAM of the guest")
+            refused = [page for page in mapping.bad if first <= page <= last]
+            if refused:
+                raise GuestMemoryError(addr, length, _refusal(mapping, refused[0]))
         return mapping.view[offset : offset + length]
 
     def direct_regions(self) -> list[tuple[int, int, memoryview]]:
@@ -266,8 +268,9 @@ class ForeignGuestMemory(GuestMemory):
         except OSError:
             raise GuestMemoryError(addr, length) from None
         if mapping.bad:
+            reason = _refusal(mapping, min(mapping.bad))
             mapping.close()
-            raise GuestMemoryError(addr, length, "is not RAM of the guest")
+            raise GuestMemoryError(addr, length, reason)
         offset = addr - (first << PAGE_SHIFT)
         return mapping.view[offset : offset + length], mapping
 
@@ -304,6 +307,15 @@ class ForeignGuestMemory(GuestMemory):
             with self._lock:
                 self._retired.append(mapping)
         return view if writable else view.toreadonly()
+
+
+def _refusal(mapping: ForeignMapping, page: int) -> str:
+    """Why Xen did not map ``page`` of ``mapping``: not the guest's RAM, or not allowed (a
+    domain that is not the guest's device model, an XSM policy without the foreign mapping)."""
+    err = mapping.errors[page]
+    if err in (errno.EPERM, errno.EACCES):
+        return f"may not be mapped by this domain ({errno.errorcode[err]})"
+    return "is not RAM of the guest"
 
 
 __all__ = ["BUCKET_PAGES", "PAGE_SIZE", "ForeignGuestMemory"]

@@ -13,6 +13,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Mapping
 
 from pyvirtio.shims.xen.mapping import MmapMapping
 
@@ -32,13 +33,17 @@ PRIVCMD_PATH = "/dev/xen/privcmd"
 
 
 class ForeignMapping(MmapMapping):
-    """Guest frames mapped into this process; ``bad`` lists page indices that did not map."""
+    """Guest frames mapped into this process; ``errors`` maps the index of each page that did
+    not map to Xen's errno for it, ``bad`` lists those indices."""
 
-    def __init__(self, m: mmap.mmap, gfn: int, count: int, bad: frozenset[int]) -> None:
+    def __init__(
+        self, m: mmap.mmap, gfn: int, count: int, errors: Mapping[int, int] | None = None
+    ) -> None:
         super().__init__(m)
         self.gfn = gfn
         self.count = count
-        self.bad = bad
+        self.errors = dict(errors or {})
+        self.bad = frozenset(self.errors)
 
 
 class Privcmd:
@@ -80,5 +85,4 @@ class Privcmd:
             if exc.errno != errno.ENOENT:  # ENOENT: some frames failed, see errs
                 m.close()
                 raise
-        bad = frozenset(i for i in range(count) if errs[i] != 0)
-        return ForeignMapping(m, gfn, count, bad)
+        return ForeignMapping(m, gfn, count, {i: -errs[i] for i in range(count) if errs[i]})
