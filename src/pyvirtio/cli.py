@@ -26,7 +26,7 @@ from pyvirtio.device import VirtioDevice
 
 if TYPE_CHECKING:
     from pyvirtio.management.commands import Handler
-    from pyvirtio.storage.raw import RawImage
+    from pyvirtio.storage.base import Storage
 
 log = logging.getLogger("pyvirtio")
 
@@ -122,6 +122,20 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     _add_vhost_user_options(p)
     p.add_argument(
         "--image", "--blk-file", dest="image", metavar="FILE", help="raw image file or block device"
+    )
+    p.add_argument(
+        "--nbd",
+        metavar="URI",
+        help="serve an NBD export instead of --image: nbd+unix:///EXPORT?socket=PATH or "
+        "nbd://HOST[:PORT]/EXPORT (through libnbd; reconnects when the server comes back)",
+    )
+    p.add_argument(
+        "--nbd-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --nbd: the longest a request waits for the server, in flight or for a "
+        "connection, before it fails (default 30)",
     )
     p.add_argument(
         "--read-only", action="store_true", help="refuse writes (offers VIRTIO_BLK_F_RO)"
@@ -535,17 +549,30 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
         return 0
-    if args.image is None:
-        raise UsageError("--image is required")
+    if args.image is None and args.nbd is None:
+        raise UsageError("--image is required (or --nbd)")
+    if args.image is not None and args.nbd is not None:
+        raise UsageError("--image and --nbd are mutually exclusive")
+    if args.nbd is not None and args.direct:
+        raise UsageError("--direct goes with --image")
+    if not args.nbd_timeout > 0:
+        raise UsageError("--nbd-timeout must be positive")
     _check_vhost_user_args(args)
     _setup_logging(args.verbose)
 
     from pyvirtio.devices.blk import BlkDevice
-    from pyvirtio.storage.raw import ImageError, RawImage
+    from pyvirtio.storage.base import StorageError
+    from pyvirtio.storage.raw import RawImage
 
+    image: Storage
     try:
-        image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
-    except ImageError as exc:
+        if args.nbd is not None:
+            from pyvirtio.storage.nbd import NbdStorage
+
+            image = NbdStorage(args.nbd, read_only=args.read_only, timeout=args.nbd_timeout)
+        else:
+            image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
+    except StorageError as exc:
         raise UsageError(str(exc)) from None
     if args.io_threads < 0:
         image.close()
@@ -577,10 +604,10 @@ def run_blk(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if first.capacity_bytes == 0:
         image.close()
-        raise UsageError(f"image {args.image!r} is smaller than one logical block")
+        raise UsageError(f"image {image.path!r} is smaller than one logical block")
 
     try:
-        _serve_vhost_user(args, new_device, args.image, _blk_commands(image, read_only))
+        _serve_vhost_user(args, new_device, image.path, _blk_commands(image, read_only))
     finally:
         if executor is not None:
             executor.shutdown()
@@ -594,11 +621,12 @@ def run_blk(args: argparse.Namespace) -> int:
 
 
 def _blk_commands(
-    image: RawImage, read_only: list[bool]
+    image: Storage, read_only: list[bool]
 ) -> Callable[[Callable[[], list[VirtioDevice]]], Mapping[str, Handler]]:
     """``resize`` and ``set-read-only`` for ``pyvirtio blk``'s control socket."""
     from pyvirtio.devices.blk import BlkDevice
     from pyvirtio.management.commands import CommandError
+    from pyvirtio.storage.raw import RawImage
 
     def make(devices: Callable[[], list[VirtioDevice]]) -> Mapping[str, Handler]:
         def disks() -> list[BlkDevice]:
@@ -608,7 +636,7 @@ def _blk_commands(
             size = arguments.get("size")
             if not isinstance(size, int) or size <= 0:
                 raise CommandError('"size" must be a positive number of bytes')
-            if image.is_block_device or image.read_only:
+            if not isinstance(image, RawImage) or image.is_block_device or image.read_only:
                 raise CommandError(f"{image.path} cannot be resized here")
             if size < image.query_size() and arguments.get("shrink") is not True:
                 raise CommandError('shrinking loses data: say "shrink": true to do it')

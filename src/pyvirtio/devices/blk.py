@@ -1,4 +1,5 @@
-"""virtio-blk (VIRTIO 1.2 §5.2) on a raw image.
+"""virtio-blk (VIRTIO 1.2 §5.2) on a storage: a raw image, an NBD export
+(:class:`pyvirtio.storage.base.Storage`).
 
 A request is a header (type, ioprio, sector) in the device-readable part, data, and a status byte
 at the very end of the device-writable part (§5.2.6). With VERSION_1 the layout across descriptors
@@ -9,7 +10,9 @@ device need a reset, since the spec gives no other way to fail them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 from pyvirtio.device import DeviceError, VirtioDevice
 from pyvirtio.guest_log import GuestErrorLog
@@ -31,7 +34,8 @@ from pyvirtio.spec.blk import (
 from pyvirtio.spec.features import bit
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.ring import MAX_QUEUE_SIZE, DescFlag
-from pyvirtio.storage.raw import RawImage
+from pyvirtio.stats import QueueStats
+from pyvirtio.storage.base import AsyncStorage, Completion, Storage
 from pyvirtio.virtqueue.split import DescriptorChain, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,8 @@ _S_IOERR = BlkStatus.IOERR.value
 _S_UNSUPP = BlkStatus.UNSUPP.value
 _HEADER_SIZE = REQ_HEADER.size
 _WRITE_TYPES = frozenset({_T_OUT, _T_DISCARD, _T_WRITE_ZEROES, BlkRequestType.SECURE_ERASE.value})
+#: A read or write started on an AsyncStorage: its status byte, type, sector and completion.
+_Started = tuple[memoryview, int, int, Completion]
 
 #: Limits advertised for discard and write-zeroes: sectors per segment, and (by default)
 #: segments per request.
@@ -60,13 +66,13 @@ RING_SIZE_ACCEPTED = 1024
 
 
 class BlkDevice(VirtioDevice):
-    """A virtio-blk device serving one raw image."""
+    """A virtio-blk device serving one storage (a raw image, an NBD export)."""
 
     device_id = DeviceId.BLOCK
 
     def __init__(
         self,
-        image: RawImage,
+        image: Storage,
         *,
         num_queues: int = 1,
         queue_size: int = 128,
@@ -109,6 +115,10 @@ class BlkDevice(VirtioDevice):
         self._dsync = writethrough
         self._errors = GuestErrorLog(log)
         self.capacity_bytes = self._usable_size(image.size)
+        # Storage with round trips (NBD): one queue keeps several reads and writes in flight.
+        self._async: AsyncStorage | None = None
+        if isinstance(image, AsyncStorage) and image.queue_depth > 1:
+            self._async = image
         # seg_max derives from the ring size the VMM is configured with; rings up to
         # RING_SIZE_ACCEPTED are accepted anyway (QEMU's virtio-mmio devices always use 1024).
         super().__init__(num_queues, max(queue_size, RING_SIZE_ACCEPTED))
@@ -125,15 +135,24 @@ class BlkDevice(VirtioDevice):
             | bit(BlkFeature.SEG_MAX)
             | bit(BlkFeature.BLK_SIZE)
             | bit(BlkFeature.TOPOLOGY)
-            | bit(BlkFeature.FLUSH)
-            | bit(BlkFeature.CONFIG_WCE)
         )
+        if self.image.can_flush:  # otherwise writes are durable once done: no write cache
+            features |= bit(BlkFeature.FLUSH) | bit(BlkFeature.CONFIG_WCE)
         if self.num_queues > 1:
             features |= bit(BlkFeature.MQ)
         if self.read_only:
             features |= bit(BlkFeature.RO)
         else:
-            features |= bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
+            features |= self._write_features()
+        return features
+
+    def _write_features(self) -> int:
+        """DISCARD and WRITE_ZEROES, where the storage supports them."""
+        features = 0
+        if self.image.can_discard:
+            features |= bit(BlkFeature.DISCARD)
+        if self.image.can_write_zeroes:
+            features |= bit(BlkFeature.WRITE_ZEROES)
         return features
 
     def _build_config(self) -> bytes:
@@ -199,7 +218,7 @@ class BlkDevice(VirtioDevice):
         if not read_only and self.image.read_only:
             raise ValueError(f"{self.image.path} was opened read-only")
         self.read_only = read_only
-        writes = bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
+        writes = self._write_features()
         if not self.status:
             if read_only:
                 self.change_offer(add=bit(BlkFeature.RO), remove=writes)
@@ -232,13 +251,71 @@ class BlkDevice(VirtioDevice):
     # -- requests ------------------------------------------------------------------------------
 
     def handle_chain(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        self._handle(queue, chain, None)
+        return chain.write_len
+
+    def handle_chains(
+        self, queue: SplitQueue, chain: DescriptorChain
+    ) -> list[tuple[DescriptorChain, int]]:
+        if self._async is None:
+            return [(chain, self.handle_chain(queue, chain))]
+        return self._handle_batch(queue, chain, self._async)
+
+    def _handle_batch(
+        self, queue: SplitQueue, chain: DescriptorChain, storage: AsyncStorage
+    ) -> list[tuple[DescriptorChain, int]]:
+        """Take up to the storage's queue depth of the queue's requests, start their reads and
+        writes together, then wait for them (any order is fine: the driver orders nothing
+        between requests in flight, and a flush covers only writes already completed)."""
+        stats = self.stats[queue.index]
+        begun = time.monotonic_ns()
+        batch = [chain]
+        while len(batch) < storage.queue_depth and (more := queue.pop()) is not None:
+            stats.taken()
+            batch.append(more)
+        started: list[_Started] = []
+        try:
+            for taken in batch:
+                request = self._handle(queue, taken, storage)
+                if request is not None:
+                    started.append(request)
+        except BaseException:
+            for *_, completion in started:  # they use guest memory: let them finish first
+                with contextlib.suppress(OSError):
+                    completion.wait()
+            raise
+        for status, req_type, sector, completion in started:
+            try:
+                completion.wait()
+            except OSError as exc:
+                self._storage_failed(stats, req_type, sector, exc)
+                status[0] = _S_IOERR
+            else:
+                status[0] = _S_OK
+        # process_queue counts the first chain; the others are requests of their own.
+        elapsed = time.monotonic_ns() - begun
+        for _ in batch[1:]:
+            stats.completed(0, 0, elapsed)
+        return [(taken, taken.write_len) for taken in batch]
+
+    def _storage_failed(self, stats: QueueStats, req_type: int, sector: int, exc: OSError) -> None:
+        self._errors.warning(
+            "%s: request type %d at sector %d failed: %s", self.image.path, req_type, sector, exc
+        )
+        stats.error("storage")
+
+    def _handle(
+        self, queue: SplitQueue, chain: DescriptorChain, storage: AsyncStorage | None
+    ) -> _Started | None:
+        """Handle a request; with ``storage``, a read or write is only started and returned
+        (its status is written once it completes)."""
         writable = chain.writable
         stats = self.stats[queue.index]
         if chain.fault is not None:
             self._errors.warning("queue %d head %d: %s", queue.index, chain.head, chain.fault)
             self._status_of_faulty(chain)[0] = _S_IOERR
             stats.error("bad_buffer")
-            return chain.write_len
+            return None
         if not writable:
             raise DeviceError(f"queue {queue.index} head {chain.head}: request has no status byte")
         last = writable[-1]
@@ -258,30 +335,25 @@ class BlkDevice(VirtioDevice):
             )
             status[0] = _S_IOERR
             stats.error("bad_header")
-            return chain.write_len
+            return None
         req_type, _, sector = REQ_HEADER.unpack(header[0])
         data_out = header[1]
         try:
             result = self._execute(
-                req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1
+                req_type & ~BARRIER_FLAG, sector, data_out, data_in, chain.write_len - 1, storage
             )
         except OSError as exc:
-            self._errors.warning(
-                "%s: request type %d at sector %d failed: %s",
-                self.image.path,
-                req_type,
-                sector,
-                exc,
-            )
+            self._storage_failed(stats, req_type, sector, exc)
             result = _S_IOERR
-            stats.error("storage")
         else:
+            if not isinstance(result, int):
+                return status, req_type, sector, result
             if result == _S_IOERR:
                 stats.error("ioerr")
             elif result == _S_UNSUPP:
                 stats.error("unsupp")
         status[0] = result
-        return chain.write_len
+        return None
 
     def _status_of_faulty(self, chain: DescriptorChain) -> memoryview:
         """The status byte of a chain whose buffers did not all map."""
@@ -301,10 +373,14 @@ class BlkDevice(VirtioDevice):
         data_out: list[memoryview],
         data_in: list[memoryview],
         in_len: int,
-    ) -> int:
+        storage: AsyncStorage | None = None,
+    ) -> int | Completion:
+        """The request's status, or (reads and writes, with ``storage``) its completion."""
         if req_type == _T_IN:
             if self._range_bad(sector, in_len):
                 return _S_IOERR
+            if storage is not None:
+                return storage.start_readv(data_in, sector << SECTOR_SHIFT)
             self.image.readv(data_in, sector << SECTOR_SHIFT)
             return _S_OK
         if req_type in _WRITE_TYPES and self.read_only:
@@ -314,6 +390,8 @@ class BlkDevice(VirtioDevice):
             length = sum(len(b) for b in data_out)
             if self._range_bad(sector, length):
                 return _S_IOERR
+            if storage is not None:
+                return storage.start_writev(data_out, sector << SECTOR_SHIFT, dsync=self._dsync)
             self.image.writev(data_out, sector << SECTOR_SHIFT, dsync=self._dsync)
             return _S_OK
         if req_type in (_T_FLUSH, _T_FLUSH_OUT):

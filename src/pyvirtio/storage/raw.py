@@ -18,7 +18,9 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+
+from pyvirtio.storage.base import Buffers, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ _ZERO_CHUNK = 1 << 20
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY, errno.ENODEV)
 
 
-class ImageError(Exception):
+class ImageError(StorageError):
     """The image cannot be opened or used as asked."""
 
 
@@ -55,7 +57,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-Buffers = Sequence[memoryview]
 #: Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
 IOV_MAX = 1024
 
@@ -68,7 +69,14 @@ def _chunks(buffers: Buffers, offset: int) -> Iterator[tuple[Buffers, int]]:
 
 
 class RawImage:
-    """An open raw image. Offsets and lengths are in bytes."""
+    """An open raw image (a :class:`~pyvirtio.storage.base.Storage`). Offsets and lengths are
+    in bytes."""
+
+    #: fdatasync; discard punches holes (a no-op where the file system cannot); write-zeroes
+    #: falls back to writing zeros.
+    can_flush = True
+    can_discard = True
+    can_write_zeroes = True
 
     def __init__(self, path: str, *, read_only: bool = False, direct: bool = False) -> None:
         self.path = path
