@@ -36,6 +36,7 @@ class BlkOptions:
     direct: bool = False  # O_DIRECT on the image
     queue_size: int | None = None  # pyvirtio's --queue-size (None: its default)
     io_threads: int = 0  # pyvirtio's --io-threads
+    locking: bool = True  # False: another back-end may open the image too (a migration's two)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class QemuStorageDaemon(BackendFactory):
             str(find_tool("qemu-storage-daemon")),
             "--blockdev",
             f"driver=file,node-name=file0,filename={_qemu_opt(image)},"
-            f"cache.direct={'on' if options.direct else 'off'},discard=unmap{ro}",
+            f"cache.direct={'on' if options.direct else 'off'},discard=unmap{ro}"
+            f"{'' if options.locking else ',locking=off'}",
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0,discard=unmap{ro}",
             "--export",
