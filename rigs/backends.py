@@ -37,6 +37,8 @@ class BlkOptions:
     queue_size: int | None = None  # pyvirtio's --queue-size (None: its default)
     io_threads: int = 0  # pyvirtio's --io-threads
     locking: bool = True  # False: another back-end may open the image too (a migration's two)
+    seccomp: bool = False  # pyvirtio's --seccomp
+    run_as: int | None = None  # a uid (and gid) to run the back-end as, with no capabilities
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,10 @@ class BackendFactory(ABC):
         socket.unlink(missing_ok=True)
         log_path = log_path or socket.with_name(socket.name + ".log")
         cmd = self.command(image, socket, options)
+        if options.run_as is not None:
+            uid = options.run_as
+            cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            cmd += ["--inh-caps=-all", "--bounding-set=-all", *self.command(image, socket, options)]
         with log_path.open("wb") as log:
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
@@ -230,6 +236,8 @@ class Pyvirtio(BackendFactory):
             cmd += ["--queue-size", str(options.queue_size)]
         if options.io_threads:
             cmd += ["--io-threads", str(options.io_threads)]
+        if options.seccomp:
+            cmd.append("--seccomp")
         return [*cmd, "-v"]
 
     def environment(self) -> dict[str, str]:

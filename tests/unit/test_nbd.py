@@ -24,8 +24,9 @@ from pyvirtio.shims.inprocess import InProcessMachine
 from pyvirtio.spec.blk import WRITE_ZEROES_FLAG_UNMAP, BlkFeature, BlkStatus
 from pyvirtio.spec.features import bit
 from pyvirtio.storage.base import Storage, StorageError
-from pyvirtio.storage.nbd import DEBIAN_DIST_PACKAGES, NbdStorage, import_nbd
+from pyvirtio.storage.nbd import NbdStorage, import_nbd
 from pyvirtio.storage.raw import RawImage
+from pyvirtio.system_bindings import DEBIAN_DIST_PACKAGES
 
 MiB = 1 << 20
 #: Short, so that the failure paths are quick; long enough for a loaded 2-core machine.

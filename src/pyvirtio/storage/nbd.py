@@ -49,14 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import select
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -65,11 +61,9 @@ from types import ModuleType
 from typing import Any
 
 from pyvirtio.storage.base import Buffers, StorageError
+from pyvirtio.system_bindings import load
 
 log = logging.getLogger(__name__)
-
-#: Where Debian's python3-libnbd installs the binding (nbd.py and the libnbdmod extension).
-DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
 #: Default bound on one request, in seconds (in flight, or waiting for a connection).
 DEFAULT_TIMEOUT = 30.0
@@ -100,36 +94,15 @@ _CONNECTION_ERRORS = frozenset(
 
 
 def import_nbd() -> ModuleType:
-    """libnbd's Python binding.
+    """libnbd's Python binding (Debian's python3-libnbd: ``system_bindings``)."""
+    try:
+        return load(("libnbdmod", "nbd"), package="python3-libnbd", is_it=_is_libnbd)
+    except ImportError as exc:
+        raise StorageError(f"libnbd's Python binding: {exc}") from None
 
-    ``import nbd`` when it is on the path (Debian's python3 has it); otherwise (a venv on
-    another build of Python 3.11, as pyenv's) just its two modules, ``libnbdmod`` and ``nbd``,
-    are loaded from Debian's dist-packages. The directory is not added to ``sys.path``: that
-    would put every Debian Python package ahead of the venv's.
-    """
-    with contextlib.suppress(ImportError):
-        module = importlib.import_module("nbd")
-        if hasattr(module, "NBD"):  # not PyPI's unrelated "nbd" (a notebook diff tool)
-            return module
-        sys.modules.pop("nbd", None)
-    for name in ("libnbdmod", "nbd"):
-        if name in sys.modules:
-            continue
-        spec = importlib.machinery.PathFinder.find_spec(name, [DEBIAN_DIST_PACKAGES])
-        if spec is None or spec.loader is None:
-            raise StorageError(
-                f"libnbd's Python binding ({name}) is not installed for Python "
-                f"{sys.version_info.major}.{sys.version_info.minor}: install Debian's "
-                "python3-libnbd (scripts/host-deps)"
-            )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[name]
-            raise StorageError(f"cannot load libnbd's Python binding: {exc}") from None
-    return sys.modules["nbd"]
+
+def _is_libnbd(module: ModuleType) -> bool:
+    return hasattr(module, "NBD")  # not PyPI's unrelated "nbd" (a notebook diff tool)
 
 
 class _Pending:
