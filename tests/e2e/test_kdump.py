@@ -121,12 +121,18 @@ def stalled_e2e(rig: X86Guest, tmp_path: Path) -> Iterator[Harness]:
         yield harness
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+def _wait(
+    what: str, check: Callable[[], bool], timeout: float, show: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s", pytrace=False)
+            pytest.fail(f"{what}: not within {timeout:.0f} s\n{show()}", pytrace=False)
         time.sleep(0.05)
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _sha256(path: Path, offset: int, length: int) -> str:
@@ -166,6 +172,10 @@ def test_kdump_resets_disk_with_requests_in_flight(stalled_e2e: Harness) -> None
             f"{STOPPED_LINE!r} in the back-end's log after the crash",
             lambda: STOPPED_LINE in backend.log_text() or not guest.running(),
             120,
+            lambda: (
+                f"guest console:\n{_tail(guest.console_text())}\n"
+                f"back-end log:\n{_tail(backend.log_text())}"
+            ),
         )
         log_at_reset = backend.log_text()
     finally:
