@@ -400,3 +400,14 @@ def test_reset_waits_for_requests_in_flight_in_the_kernel(path: Path) -> None:
     assert drv.read(0, 4096) == b"n" * 4096
     machine.close()
     image.close()
+
+
+def test_wait_any_never_waits_for_a_ring_with_nothing_on_it(path: Path) -> None:
+    image = UringImage(str(path))
+    try:
+        read = image.start_readv([guest_buffer(512)], 0)
+        read.wait()  # waited for directly: wait_any no longer has it
+        assert image.wait_any([read], block=True) == [read]
+        read.wait()
+    finally:
+        image.close()

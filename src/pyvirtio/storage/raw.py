@@ -500,6 +500,10 @@ class UringImage(RawImage):
             engine.done = later
             if ready or not block or not started:
                 return ready
+            if len(engine.free) == engine.ring.entries:
+                # Nothing of this thread's is on the ring: what it started is complete (and
+                # its wait() says how); waiting for a completion would never return.
+                return list(started)
             engine.collect(1)
 
     def finish(self, request: _UringRequest, result: int) -> None:
