@@ -212,7 +212,8 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="threads that copy requests of 1 MiB and more while the queue's own thread goes "
         "on, up to N such requests per queue at once (default 0: everything on the queue "
         "thread; 2 raises 1 MiB sequential bandwidth on the 2-core machines measured in "
-        "docs/performance.md, at a higher CPU cost)",
+        "docs/performance.md, at a higher CPU cost). For the sync engine: io_uring and "
+        "--nbd keep requests in flight without threads",
     )
     p.add_argument(
         "--writethrough",
