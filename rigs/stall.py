@@ -7,11 +7,12 @@ on only once the back-end says that the reset came while it was serving requests
 
 ``python3 stall.py run FLAG MODULE ARGS...`` runs ``python3 -m MODULE ARGS...`` with
 ``os.preadv``, ``os.pwritev`` (at an offset: not an eventfd's read at the file position) and
-``os.fdatasync`` waiting while the file FLAG exists (:func:`hold_storage`), and so does the reaping of io_uring completions (the io_uring engine:
-the kernel still does the I/O, the back-end sees none of it finish); a call that waits first
-creates ``FLAG.held``. The back-end's code is
-untouched and the rest of it (the vhost-user session, the Xen IOREQ thread) keeps running, as
-with a real disk that stopped answering: only the system calls under the storage are slow.
+``os.fdatasync`` waiting while the file FLAG exists (:func:`hold_storage`), and so does the
+reaping of io_uring completions (the io_uring engine: the kernel still does the I/O, the
+back-end sees none of it finish); a call that waits first creates ``FLAG.held``. The
+back-end's code is untouched and the rest of it (the vhost-user session, the Xen IOREQ
+thread) keeps running, as with a real disk that stopped answering: only the system calls under
+the storage are slow.
 (Stopping the whole process instead is not the same: the back-end could finish the old
 requests in the moment between being let go and reading the reset, and under Xen the guest's
 vCPU would wait for the stopped IOREQ thread at its next register access.)

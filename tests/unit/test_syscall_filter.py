@@ -157,7 +157,11 @@ def test_a_daemon_serves_under_the_filter(tmp_path: Path, engine: str) -> None:
         while not ctl.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
             time.sleep(0.05)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
+        # The control socket is made before the filter is loaded: wait for the filter.
+        status = ""
+        while "Seccomp:\t2" not in status and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
         assert "Seccomp:\t2" in status  # filter mode, on the main thread...
         for task in Path(f"/proc/{proc.pid}/task").iterdir():  # ...and on every other one
             assert "Seccomp:\t2" in (task / "status").read_text()
