@@ -179,11 +179,12 @@ def _add_blk_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--io-engine",
         choices=["auto", "io_uring", "sync"],
-        default="auto",
-        help="how --image is read and written: io_uring (each queue keeps up to 256 requests "
-        "in flight, completed as they finish), sync (preadv and pwritev on the queue's "
-        "thread), or auto (default): io_uring where the kernel allows it, sync otherwise and "
-        "under --seccomp (whose filter then lets io_uring's system calls through only with "
+        default="sync",
+        help="how --image is read and written: sync (default: preadv and pwritev on the "
+        "queue's thread, the cheaper on page-cached images, docs/performance.md), io_uring "
+        "(each queue keeps up to 256 requests in flight, completed as they finish; faster "
+        "for large writes), or auto: io_uring where the kernel allows it, sync otherwise and "
+        "under --seccomp (whose filter lets io_uring's system calls through only with "
         "--io-engine io_uring)",
     )
     p.add_argument(
