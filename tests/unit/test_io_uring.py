@@ -411,3 +411,33 @@ def test_wait_any_never_waits_for_a_ring_with_nothing_on_it(path: Path) -> None:
         read.wait()
     finally:
         image.close()
+
+
+def test_close_waits_for_what_the_kernel_holds(path: Path) -> None:
+    """A ring closed with a read in flight returns once the kernel is done with its buffer;
+    a request prepared and never submitted is dropped."""
+    ring = Ring(4)
+    r, w = os.pipe()
+    events: list[str] = []
+    try:
+        held = guest_buffer(16)
+        ring.read(r, [held], 0, 0)
+        assert ring.reap(0) == []  # submitted, in flight
+        ring.read(r, [guest_buffer(16)], 0, 1)  # prepared only
+
+        def write_later() -> None:
+            threading.Event().wait(0.3)
+            events.append("written")
+            os.write(w, b"done")
+
+        t = threading.Thread(target=write_later)
+        t.start()
+        ring.close()
+        events.append("closed")
+        t.join()
+        assert events == ["written", "closed"]
+        assert bytes(held[:4]) == b"done"
+        assert ring.fd == -1
+    finally:
+        os.close(r)
+        os.close(w)

@@ -236,6 +236,8 @@ class Ring:
         self._sq_tail = self._sq32[self._sq_tail_word]
         self._cq_head = self._cq32[self._cq_head_word]
         self._unsubmitted = 0
+        #: Requests prepared and not yet reaped (submitted or not).
+        self._outstanding = 0
         #: Each slot's iovec array, for READV and WRITEV with up to IOV_PER_SLOT buffers.
         self._iovs = (ctypes.c_char * (self.entries * IOV_PER_SLOT * _IOVEC.size))()
         self._iov_base = ctypes.addressof(self._iovs)
@@ -261,6 +263,19 @@ class Ring:
         )
 
     def close(self) -> None:
+        """Close the ring, once the kernel has finished every request it was given (closing
+        does not wait for them, and their buffers must stay mapped until they are done);
+        requests prepared and never submitted are dropped."""
+        outstanding: int = getattr(self, "_outstanding", 0)  # 0 if mapping the rings failed
+        if self.fd >= 0 and outstanding:
+            self._outstanding -= self._unsubmitted
+            self._unsubmitted = 0  # never submitted: without SQPOLL the kernel takes no SQE
+            # that io_uring_enter was not told to submit
+            try:
+                while self._outstanding > 0:
+                    self.reap(1)
+            except OSError:
+                pass  # the ring itself fails: nothing more can be learnt from it
         for view in ("_sq32", "_cq32"):
             if hasattr(self, view):
                 getattr(self, view).release()
@@ -301,6 +316,7 @@ class Ring:
         )
         self._sq_tail = (self._sq_tail + 1) & 0xFFFFFFFF
         self._unsubmitted += 1
+        self._outstanding += 1
 
     def _vector(self, buffers: Sequence[memoryview], user_data: int) -> int:
         """Lay out ``buffers`` as iovecs for slot ``user_data``; return their address."""
@@ -418,6 +434,7 @@ class Ring:
         release_fence()
         self._cq32[self._cq_head_word] = head
         self._cq_head = head
+        self._outstanding -= len(done)
         return done
 
 
