@@ -50,6 +50,8 @@ BENCH_GUEST_ROUNDS ?= 2
 bench: deps venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.loadgen_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
+	$(PY) -m bench.peers_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
+	$(PY) -m bench.profile_request --out out/bench
 	$(PY) -m bench.nbd_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 	$(PY) -m bench.guest_suite --rounds $(BENCH_GUEST_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
 	$(PY) -m bench.inprocess_suite --out out/bench

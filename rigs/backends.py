@@ -39,6 +39,9 @@ class BlkOptions:
     locking: bool = True  # False: another back-end may open the image too (a migration's two)
     seccomp: bool = False  # pyvirtio's --seccomp
     run_as: int | None = None  # a uid (and gid) to run the back-end as, with no capabilities
+    aio: str | None = None  # qemu-storage-daemon's file driver aio= (None: its default, threads)
+    io_engine: str | None = None  # pyvirtio's --io-engine (None: its default, auto)
+    poll_us: int = 0  # pyvirtio's --poll-us
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class QemuStorageDaemon(BackendFactory):
             "--blockdev",
             f"driver=file,node-name=file0,filename={_qemu_opt(image)},"
             f"cache.direct={'on' if options.direct else 'off'},discard=unmap{ro}"
+            f"{f',aio={options.aio}' if options.aio else ''}"
             f"{'' if options.locking else ',locking=off'}",
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0,discard=unmap{ro}",
@@ -238,6 +242,10 @@ class Pyvirtio(BackendFactory):
             cmd += ["--io-threads", str(options.io_threads)]
         if options.seccomp:
             cmd.append("--seccomp")
+        if options.io_engine is not None:
+            cmd += ["--io-engine", options.io_engine]
+        if options.poll_us:
+            cmd += ["--poll-us", str(options.poll_us)]
         return [*cmd, "-v"]
 
     def environment(self) -> dict[str, str]:

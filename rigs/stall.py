@@ -6,10 +6,13 @@ requests in flight, the tests stall the back-end's storage while it serves them 
 on only once the back-end says that the reset came while it was serving requests.
 
 ``python3 stall.py run FLAG MODULE ARGS...`` runs ``python3 -m MODULE ARGS...`` with
-``os.preadv``, ``os.pwritev`` and ``os.fdatasync`` waiting while the file FLAG exists
-(:func:`hold_storage`); a call that waits first creates ``FLAG.held``. The back-end's code is
-untouched and the rest of it (the vhost-user session, the Xen IOREQ thread) keeps running, as
-with a real disk that stopped answering: only the system calls under the storage are slow.
+``os.preadv``, ``os.pwritev`` (at an offset: not an eventfd's read at the file position) and
+``os.fdatasync`` waiting while the file FLAG exists (:func:`hold_storage`), and so does the
+reaping of io_uring completions (the io_uring engine: the kernel still does the I/O, the
+back-end sees none of it finish); a call that waits first creates ``FLAG.held``. The
+back-end's code is untouched and the rest of it (the vhost-user session, the Xen IOREQ
+thread) keeps running, as with a real disk that stopped answering: only the system calls under
+the storage are slow.
 (Stopping the whole process instead is not the same: the back-end could finish the old
 requests in the moment between being let go and reading the reset, and under Xen the guest's
 vCPU would wait for the stopped IOREQ thread at its next register access.)
@@ -37,7 +40,10 @@ def hold_storage(flag: str) -> None:
 
     def stalled(real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if os.path.exists(flag):
+            # Offset -1 is I/O at the file position: an eventfd drained (runner.py), never
+            # the image, whose I/O is positional.
+            positional = len(args) < 3 or args[2] != -1
+            if positional and os.path.exists(flag):
                 with open(flag + ".held", "w"):
                     pass
                 while os.path.exists(flag):
@@ -48,6 +54,11 @@ def hold_storage(flag: str) -> None:
 
     for name in STORAGE_CALLS:
         setattr(os, name, stalled(getattr(os, name)))
+    try:
+        from pyvirtio.storage.io_uring import Ring
+    except ImportError:  # a back-end without the io_uring engine
+        return
+    Ring.reap = stalled(Ring.reap)  # type: ignore[method-assign]
 
 
 def command(python: str, flag: str, module: str, *args: str) -> list[str]:
@@ -61,10 +72,10 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] != "run":
         print(main.__doc__, file=sys.stderr)
         return 2
-    hold_storage(argv[1])
     # As ``python -m``: the working directory first on the path, not this file's folder.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path[0] = os.getcwd()
+    hold_storage(argv[1])
     sys.argv = [argv[2], *argv[3:]]
     runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
     return 0

@@ -22,12 +22,14 @@ model's own state is name-mangled (``__``): a device subclass cannot clobber it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from contextlib import contextmanager
 from typing import ClassVar, Protocol
 
@@ -107,6 +109,35 @@ class FeatureError(Exception):
     """The driver's feature set cannot be accepted (FEATURES_OK refused)."""
 
 
+class InFlight:
+    """A chain the device started and completes later (:meth:`VirtioDevice.start_chain`)."""
+
+    __slots__ = ("chain", "taken")
+
+    def __init__(self, chain: DescriptorChain, taken: int) -> None:
+        self.chain = chain
+        #: When it was taken from the ring (``time.monotonic_ns``).
+        self.taken = taken
+
+    def wait(self) -> None:
+        """Return once the device no longer touches the chain's buffers, whatever the outcome
+        (a queue that breaks waits for its chains in flight before it stops)."""
+        raise NotImplementedError
+
+
+class _Offloaded(InFlight):
+    """A chain handled on the executor."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, chain: DescriptorChain, taken: int, future: Future[int]) -> None:
+        super().__init__(chain, taken)
+        self.future = future
+
+    def wait(self) -> None:
+        self.future.exception()
+
+
 class VirtioDevice:
     """Base class of devices. Subclasses set ``device_id`` and implement the hooks below."""
 
@@ -131,6 +162,7 @@ class VirtioDevice:
         self.broken: str | None = None
         self.__executor: Executor | None = None
         self.__parallel_requests = 1
+        self.__poll_ns = 0
         self.__stop_events: dict[int, threading.Event] = {}
         self.__control = threading.RLock()
         self.__state = threading.Lock()
@@ -185,6 +217,38 @@ class VirtioDevice:
         nothing, and calls :meth:`notify_queue` when it has."""
         return True
 
+    def start_chain(
+        self, queue: SplitQueue, chain: DescriptorChain, taken: int, in_flight: int
+    ) -> InFlight | int | None:
+        """Start handling ``chain`` and return without waiting for it: the chain in flight,
+        which :meth:`reap` hands back once done; or the bytes written to it, if it was done
+        at once; or None, to have :meth:`handle_chains` handle it. ``in_flight``: how many of
+        the queue's chains are in flight already. The default runs chains of at least
+        ``parallel_threshold`` bytes on the executor (:meth:`use_executor`)."""
+        executor = self.__executor
+        if (
+            executor is None
+            or in_flight >= self.__parallel_requests
+            or chain.read_len + chain.write_len < self.parallel_threshold
+        ):
+            return None
+        return _Offloaded(chain, taken, executor.submit(self.handle_chain, queue, chain))
+
+    def reap(
+        self, queue: SplitQueue, in_flight: Collection[InFlight], *, block: bool
+    ) -> list[tuple[InFlight, int]]:
+        """Those of the queue's chains in flight that are done, with the bytes written to each,
+        in any order; with ``block``, at least one. Raise DeviceError as
+        :meth:`handle_chain` would."""
+        futures = [item for item in in_flight if isinstance(item, _Offloaded)]
+        if block:
+            wait([item.future for item in futures], return_when=FIRST_COMPLETED)
+        return [(item, item.future.result()) for item in futures if item.future.done()]
+
+    def in_flight_limit(self, queue: SplitQueue) -> int:
+        """How many chains of ``queue`` may be in flight before the device takes no more."""
+        return sys.maxsize
+
     def close(self) -> None:
         """The device will not be used again: release what it holds on the host (threads,
         sockets). Called by the shim that made it, after its last reset."""
@@ -221,12 +285,25 @@ class VirtioDevice:
 
     def use_executor(self, executor: Executor | None, parallel_requests: int = 1) -> None:
         """Copy requests of at least ``parallel_threshold`` bytes on ``executor``, up to
-        ``parallel_requests`` of one queue at a time, while the queue's own thread goes on."""
+        ``parallel_requests`` of one queue at a time, while the queue's own thread goes on
+        (the default :meth:`start_chain`)."""
         if parallel_requests < 1:
             raise ValueError("parallel_requests must be at least 1")
         with self.__control:
             self.__executor = executor
             self.__parallel_requests = parallel_requests
+
+    def use_polling(self, microseconds: int) -> None:
+        """Have the queues' workers look at their rings for new buffers for up to this long
+        before they wait for a kick (0: never). The runner adapts the time to what it finds."""
+        if microseconds < 0:
+            raise ValueError("the polling time cannot be negative")
+        self.__poll_ns = microseconds * 1000
+
+    @property
+    def poll_ns(self) -> int:
+        """The longest a worker polls a ring before it waits for a kick, in nanoseconds."""
+        return self.__poll_ns
 
     # -- features and status -------------------------------------------------------------------
 
@@ -519,24 +596,28 @@ class VirtioDevice:
                 chain.head,
             )
 
-    def __complete_pending(
-        self,
-        queue: SplitQueue,
-        stats: QueueStats,
-        item: tuple[DescriptorChain, Future[int], int],
+    def __complete_in_flight(
+        self, queue: SplitQueue, stats: QueueStats, in_flight: set[InFlight], block: bool
     ) -> None:
-        chain, future, started = item
-        written = future.result()
-        self.__complete(queue, chain, written)
-        stats.completed(chain.read_len, written, time.monotonic_ns() - started)
+        clock = time.monotonic_ns
+        for item, written in self.reap(queue, in_flight, block=block):
+            in_flight.discard(item)
+            chain = item.chain
+            self.__complete(queue, chain, written)
+            stats.completed(chain.read_len, written, clock() - item.taken)
 
-    def process_queue(self, index: int, stop: threading.Event | None = None) -> None:
+    def process_queue(
+        self, index: int, stop: threading.Event | None = None, poll_ns: int = 0
+    ) -> None:
         """Drain queue ``index``: handle every available chain, then interrupt if asked to.
 
         ``stop`` (the worker's) ends the drain early, after the chain in hand: every chain
-        taken from the ring is completed and published before this returns. With an executor,
-        up to ``parallel_requests`` large chains run on it while this thread handles the next
-        ones; each completes as soon as it is done, and the call returns once none is left.
+        taken from the ring is completed and published before this returns. Chains the device
+        starts (:meth:`start_chain`: asynchronous storage, the executor) are completed as they
+        finish, while this thread takes the next ones, and the call returns once none is left.
+        ``poll_ns``: once the ring is empty, look at it for new buffers for up to this long
+        before asking the driver for kicks again (the driver does not kick meanwhile); a
+        ``stop`` ends the polling at once.
         """
         queue = self.queues[index]
         if not queue.active or self.broken is not None:
@@ -545,27 +626,28 @@ class VirtioDevice:
             self.__stop_events[index] = stop
         stats = self.stats[index]
         clock = time.monotonic_ns
-        executor = self.__executor
-        threshold = self.parallel_threshold
-        limit = self.__parallel_requests
-        pending: deque[tuple[DescriptorChain, Future[int], int]] = deque()
+        in_flight: set[InFlight] = set()
+        limit = self.in_flight_limit(queue)
         stopping = stop.is_set if stop is not None else lambda: False
         try:
             queue.disable_notifications()
             while True:
                 starved = False
                 while (
-                    not stopping() and self.has_work(queue) and (chain := queue.pop()) is not None
+                    not stopping()
+                    and len(in_flight) < limit
+                    and self.has_work(queue)
+                    and (chain := queue.pop()) is not None
                 ):
                     started = clock()
                     stats.taken()
-                    if (
-                        executor is not None
-                        and len(pending) < limit
-                        and chain.read_len + chain.write_len >= threshold
-                    ):
-                        future = executor.submit(self.handle_chain, queue, chain)
-                        pending.append((chain, future, started))
+                    item = self.start_chain(queue, chain, started, len(in_flight))
+                    if isinstance(item, InFlight):
+                        in_flight.add(item)
+                        continue
+                    if item is not None:
+                        self.__complete(queue, chain, item)
+                        stats.completed(chain.read_len, item, clock() - started)
                         continue
                     done = self.handle_chains(queue, chain)
                     if not done:
@@ -578,23 +660,49 @@ class VirtioDevice:
                         read += taken.read_len
                         written += count
                     stats.completed(read, written, clock() - started)
-                    while pending and pending[0][1].done():
-                        self.__complete_pending(queue, stats, pending.popleft())
+                    if in_flight:
+                        self.__complete_in_flight(queue, stats, in_flight, False)
+                if in_flight:
+                    self.__complete_in_flight(queue, stats, in_flight, False)
                 if queue.publish():
                     self.__events.queue_interrupt(index)
-                if pending:
-                    self.__complete_pending(queue, stats, pending.popleft())
+                if in_flight:
+                    if len(in_flight) >= limit or stopping() or not queue.has_available():
+                        self.__complete_in_flight(queue, stats, in_flight, True)
                     continue
                 if stopping() or not self.has_work(queue):
                     queue.enable_notifications()  # the driver's next buffers will kick
                     break
+                if poll_ns and not starved and self.__poll(queue, stopping, poll_ns):
+                    continue
                 if not queue.enable_notifications(new_only=starved):
                     break
                 queue.disable_notifications()
         except (VirtqueueError, DeviceError) as exc:
-            for _, future, _ in pending:  # they write guest memory: let them finish first
-                future.exception()
+            for item in in_flight:  # they write guest memory: let them finish first
+                item.wait()
             stats.in_flight = 0  # nothing of this ring completes any more
             if queue.publish():
                 self.__events.queue_interrupt(index)
             self.fail(str(exc))
+        except BaseException:
+            # A bug of ours (the worker reports it): the kernel or the executor may still be
+            # writing the buffers of the chains in flight, whose memory a reset unmaps next.
+            for item in in_flight:
+                with contextlib.suppress(Exception):
+                    item.wait()
+            raise
+
+    @staticmethod
+    def __poll(queue: SplitQueue, stopping: Callable[[], bool], poll_ns: int) -> bool:
+        """Whether the driver added buffers within ``poll_ns`` (False if told to stop). Each
+        look releases the GIL (``sched_yield``), so the other queues' threads run meanwhile."""
+        deadline = time.monotonic_ns() + poll_ns
+        clock, pause = time.monotonic_ns, os.sched_yield
+        while not stopping():
+            if queue.has_available():
+                return True
+            if clock() >= deadline:
+                return False
+            pause()
+        return False

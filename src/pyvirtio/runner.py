@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
 from pyvirtio.device import VirtioDevice
@@ -30,6 +31,8 @@ _COUNTER = 8  # an eventfd is read and written 8 bytes at a time
 _BAD_POLL = select.POLLERR | select.POLLNVAL
 #: After this long, stop() says that it is waiting for a request (stuck storage).
 _SLOW_STOP = 2.0
+#: Where adaptive polling starts again after it was shrunk to nothing (QEMU's default).
+_POLL_START = 4000
 
 
 def drain_eventfd(fd: int) -> int:
@@ -67,17 +70,29 @@ class _Worker(threading.Thread):
         poller = select.poll()
         poller.register(kick, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
+        clock = time.monotonic_ns
+        # Adaptive polling, as QEMU's event loop does it (util/aio-posix.c): a kick that came
+        # soon after the polling ended doubles the time polled, a long sleep halves it.
+        poll_max = device.poll_ns
+        poll_ns = poll_max
         try:
             while not stopping.is_set():
                 self.busy = True
-                device.process_queue(index, stopping)  # also what came before the first kick
+                device.process_queue(index, stopping, poll_ns)  # also what came before a kick
                 self.busy = False
                 if stopping.is_set():
                     return
+                slept = clock()
                 for fd, events in poller.poll():
                     if fd == kick and events & _BAD_POLL:
                         device.fail(f"queue {index}: the kick file descriptor failed")
                         return
+                if poll_max:
+                    slept = clock() - slept
+                    if slept <= poll_max:
+                        poll_ns = min(poll_max, max(poll_ns * 2, _POLL_START))
+                    elif poll_ns:
+                        poll_ns = poll_ns // 2 if poll_ns > _POLL_START else 0
                 drain_eventfd(kick)
         except Exception:  # a bug of ours: the queue stops until the driver resets the device
             log.exception("queue %d: worker failed", index)

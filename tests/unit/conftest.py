@@ -11,7 +11,7 @@ import pytest
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.shims.inprocess import InProcessMachine
-from pyvirtio.storage.raw import RawImage
+from pyvirtio.storage.raw import RawImage, open_image
 
 IMAGE_SIZE = 8 << 20
 
@@ -34,7 +34,13 @@ def image_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_blk(image_path: Path) -> Iterator[Callable[..., Blk]]:
+def io_engine() -> str:
+    """The I/O engine of the images make_blk opens (test_blk.py runs with each)."""
+    return "sync"
+
+
+@pytest.fixture
+def make_blk(image_path: Path, io_engine: str) -> Iterator[Callable[..., Blk]]:
     made: list[Blk] = []
 
     def make(
@@ -46,7 +52,7 @@ def make_blk(image_path: Path) -> Iterator[Callable[..., Blk]]:
         driver_kw: dict[str, object] | None = None,
         **device_kw: object,
     ) -> Blk:
-        image = RawImage(str(image_path), read_only=read_only, direct=direct)
+        image = open_image(str(image_path), read_only=read_only, direct=direct, engine=io_engine)
         device = BlkDevice(image, **device_kw)  # type: ignore[arg-type]
         machine = InProcessMachine(device, legacy=legacy, threaded=threaded)
         wait = machine.wait_interrupt if threaded else None

@@ -245,3 +245,32 @@ def test_backend_dying_mid_run_is_an_error(tmp_path: Path) -> None:
     assert runner.returncode == 1
     assert "no completion" in err
     os.unlink(sock)
+
+
+def test_peers_suite_compares_with_the_best_peer_of_each_round() -> None:
+    """bench.peers_suite: each pyvirtio figure over the round's best peer (by IOPS), the
+    O_DIRECT configuration compared with the O_DIRECT peer only."""
+    from bench import peers_suite
+
+    def fig(iops: float) -> dict[str, float]:
+        return {
+            "iops": iops,
+            "bw_bytes": iops * 4096,
+            "p99_us": 100.0,
+            "cpu_us_per_request": 10.0,
+            "cpu_s_per_gib": 1.0,
+        }
+
+    by = {
+        "qsd threads": [fig(100), fig(300)],
+        "qsd io_uring": [fig(200), fig(150)],
+        "qsd native direct": [fig(50), fig(50)],
+        **{name: [fig(100), fig(150)] for name in peers_suite.OURS},
+    }
+    rows = peers_suite.summarise({"randread 4K QD1": by}, 2)
+    ratios = {row["ours"]: row["iops_ratio"] for row in rows}
+    assert ratios["pyvirtio sync"] == pytest.approx((100 / 200 + 150 / 300) / 2)
+    assert ratios["pyvirtio io_uring direct"] == pytest.approx(2.5)
+    assert {row["best_peer"] for row in rows if row["ours"] == "pyvirtio io_uring direct"} == {
+        "qsd native direct"
+    }

@@ -21,8 +21,16 @@ from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.mmio import Interrupt, Reg
 from pyvirtio.spec.ring import DescFlag
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.storage.io_uring import Ring
+from pyvirtio.storage.raw import UringImage
 
 from .conftest import IMAGE_SIZE, Blk
+
+
+@pytest.fixture(params=["sync", "io_uring"])
+def io_engine(request: pytest.FixtureRequest) -> str:
+    """Every test of this module runs with each I/O engine."""
+    return str(request.param)
 
 
 def host_read(blk: Blk, offset: int, length: int) -> bytes:
@@ -185,6 +193,14 @@ def test_get_id_returns_the_serial(make_blk: Callable[..., Blk]) -> None:
 def test_flush_calls_fdatasync(blk: Blk, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+    fsync = Ring.fsync
+
+    def ring_fsync(ring: Ring, fd: int, user_data: int, *, datasync: bool = True) -> None:
+        assert datasync
+        synced.append(fd)
+        fsync(ring, fd, user_data, datasync=datasync)
+
+    monkeypatch.setattr(Ring, "fsync", ring_fsync)  # the io_uring engine's fdatasync
     blk.driver.flush()
     assert synced == [blk.image.fd]
 
@@ -201,6 +217,14 @@ def _record_dsync(blk: Blk, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         original(buffers, offset, dsync=dsync)
 
     monkeypatch.setattr(blk.image, "writev", writev)
+    if isinstance(blk.image, UringImage):
+        start = blk.image.start_writev
+
+        def start_writev(buffers, offset, *, dsync=False):  # type: ignore[no-untyped-def]
+            seen.append(dsync)
+            return start(buffers, offset, dsync=dsync)
+
+        monkeypatch.setattr(blk.image, "start_writev", start_writev)
     return seen
 
 
@@ -394,6 +418,7 @@ def test_storage_error_is_ioerr(blk: Blk, monkeypatch: pytest.MonkeyPatch) -> No
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(blk.image, "readv", fail)
+    monkeypatch.setattr(blk.image, "start_readv", fail, raising=False)
     req = blk.driver.request(BlkRequestType.IN, 0, in_len=512)
     assert req.status == BlkStatus.IOERR
     with pytest.raises(BlkRequestError):

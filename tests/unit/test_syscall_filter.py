@@ -13,9 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.vhost_user import VhostUserDriver
 from pyvirtio.spec.ids import DeviceId
+from pyvirtio.storage.io_uring import available
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +26,7 @@ PROBE = """
 import errno, json, mmap, os, socket, sys, threading
 sys.path.insert(0, {src!r})
 from pyvirtio.syscall_filter import install
+from pyvirtio.storage.io_uring import Ring
 
 results = {{}}
 
@@ -40,7 +44,7 @@ def early_thread():  # started before the filter: TSYNC must cover it
 early = threading.Thread(target=early_thread)
 early.start()
 
-install(network={network})
+install(network={network}, io_uring={io_uring})
 
 go.set()
 early.join()
@@ -55,6 +59,7 @@ attempt("memfd", lambda: os.close(os.memfd_create("probe")))
 attempt("exec_mapping", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC).close())
 attempt("mapping", lambda: mmap.mmap(-1, 4096).close())
 attempt("setuid", lambda: os.setuid(0))
+attempt("io_uring", lambda: Ring(2).close())
 t = threading.Thread(target=lambda: results.__setitem__("thread", "ran"))
 t.start()
 t.join()
@@ -62,11 +67,15 @@ print(json.dumps(results))
 """
 
 
-def _probe(tmp_path: Path, *, network: bool) -> dict[str, str]:
+def _probe(tmp_path: Path, *, network: bool, io_uring: bool = False) -> dict[str, str]:
     existing = tmp_path / "keep"
     existing.write_text("x")
     code = PROBE.format(
-        src=str(ROOT / "src"), path=str(tmp_path / "new"), existing=str(existing), network=network
+        src=str(ROOT / "src"),
+        path=str(tmp_path / "new"),
+        existing=str(existing),
+        network=network,
+        io_uring=io_uring,
     )
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -92,6 +101,7 @@ def test_the_filter_refuses_what_serving_never_does(tmp_path: Path) -> None:
         "inet_socket",
         "exec_mapping",
         "setuid",
+        "io_uring",
     ):
         assert r[refused] == "EPERM", (refused, r)
     for allowed in ("unix_socket", "memfd", "mapping"):
@@ -106,6 +116,13 @@ def test_an_nbd_server_over_tcp_needs_inet_sockets_and_read_only_opens(tmp_path:
     assert (r["write_open"], r["unlink"], r["fork"], r["exec"]) == ("EPERM",) * 4
 
 
+@pytest.mark.skipif(available() is not None, reason=f"no io_uring here: {available()}")
+def test_io_uring_system_calls_only_for_the_io_uring_engine(tmp_path: Path) -> None:
+    r = _probe(tmp_path, network=False, io_uring=True)
+    assert r["io_uring"] == "allowed"
+    assert (r["write_open"], r["unlink"], r["fork"], r["exec"]) == ("EPERM",) * 4
+
+
 def _ctl(ctl: Path, *words: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pyvirtio", "ctl", "--socket", str(ctl), *words],
@@ -115,7 +132,11 @@ def _ctl(ctl: Path, *words: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_daemon_serves_under_the_filter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["auto", "io_uring"])
+def test_a_daemon_serves_under_the_filter(tmp_path: Path, engine: str) -> None:
+    """``auto`` is sync under the filter; ``io_uring`` has its system calls let through."""
+    if engine == "io_uring" and available() is not None:
+        pytest.skip(f"no io_uring here: {available()}")
     image, sock, ctl = tmp_path / "d.img", tmp_path / "vu.sock", tmp_path / "ctl.sock"
     image.write_bytes(bytes(16 << 20))
     with socket.socket() as s:
@@ -125,7 +146,7 @@ def test_a_daemon_serves_under_the_filter(tmp_path: Path) -> None:
         [
             *(sys.executable, "-m", "pyvirtio", "blk", "--socket-path", str(sock), "--seccomp"),
             *("--image", str(image), "--control-socket", str(ctl), "--metrics-port", str(port)),
-            *("--num-queues", "2", "-v"),
+            *("--num-queues", "2", "--io-engine", engine, "-v"),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -136,7 +157,11 @@ def test_a_daemon_serves_under_the_filter(tmp_path: Path) -> None:
         while not ctl.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
             time.sleep(0.05)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
+        # The control socket is made before the filter is loaded: wait for the filter.
+        status = ""
+        while "Seccomp:\t2" not in status and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
         assert "Seccomp:\t2" in status  # filter mode, on the main thread...
         for task in Path(f"/proc/{proc.pid}/task").iterdir():  # ...and on every other one
             assert "Seccomp:\t2" in (task / "status").read_text()
@@ -158,3 +183,6 @@ def test_a_daemon_serves_under_the_filter(tmp_path: Path) -> None:
         err = proc.stderr.read() if proc.stderr else ""
     assert "Traceback" not in err, err
     assert "seccomp filter loaded" in err
+    expected = {"auto": "I/O engine RawImage", "io_uring": "I/O engine UringImage"}[engine]
+    assert expected in err
+    assert "no io_uring in this thread" not in err

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+from collections.abc import Collection
 
-from pyvirtio.device import DeviceError, VirtioDevice
+from pyvirtio.device import DeviceError, InFlight, VirtioDevice
 from pyvirtio.guest_log import GuestErrorLog
 from pyvirtio.memory.guest import GuestMemoryError
 from pyvirtio.spec.blk import (
@@ -52,8 +52,32 @@ _S_IOERR = BlkStatus.IOERR.value
 _S_UNSUPP = BlkStatus.UNSUPP.value
 _HEADER_SIZE = REQ_HEADER.size
 _WRITE_TYPES = frozenset({_T_OUT, _T_DISCARD, _T_WRITE_ZEROES, BlkRequestType.SECURE_ERASE.value})
-#: A read or write started on an AsyncStorage: its status byte, type, sector and completion.
+#: A request started on an AsyncStorage: its status byte, type, sector and completion.
 _Started = tuple[memoryview, int, int, Completion]
+
+
+class _Request(InFlight):
+    """A request in flight on an AsyncStorage."""
+
+    __slots__ = ("completion", "req_type", "sector", "status", "table")
+
+    def __init__(
+        self,
+        chain: DescriptorChain,
+        taken: int,
+        started: _Started,
+        table: dict[Completion, _Request],
+    ) -> None:
+        super().__init__(chain, taken)
+        self.status, self.req_type, self.sector, self.completion = started
+        self.table = table
+        table[self.completion] = self
+
+    def wait(self) -> None:
+        with contextlib.suppress(OSError):
+            self.completion.wait()
+        self.table.pop(self.completion, None)
+
 
 #: Limits advertised for discard and write-zeroes: sectors per segment, and (by default)
 #: segments per request.
@@ -115,10 +139,12 @@ class BlkDevice(VirtioDevice):
         self._dsync = writethrough
         self._errors = GuestErrorLog(log)
         self.capacity_bytes = self._usable_size(image.size)
-        # Storage with round trips (NBD): one queue keeps several reads and writes in flight.
+        # Storage that overlaps requests (NBD, io_uring): a queue keeps many in flight.
         self._async: AsyncStorage | None = None
         if isinstance(image, AsyncStorage) and image.queue_depth > 1:
             self._async = image
+        #: Each queue's requests in flight on the AsyncStorage, by completion.
+        self._started: list[dict[Completion, _Request]] = [{} for _ in range(num_queues)]
         # seg_max derives from the ring size the VMM is configured with; rings up to
         # RING_SIZE_ACCEPTED are accepted anyway (QEMU's virtio-mmio devices always use 1024).
         super().__init__(num_queues, max(queue_size, RING_SIZE_ACCEPTED))
@@ -254,49 +280,43 @@ class BlkDevice(VirtioDevice):
         self._handle(queue, chain, None)
         return chain.write_len
 
-    def handle_chains(
-        self, queue: SplitQueue, chain: DescriptorChain
-    ) -> list[tuple[DescriptorChain, int]]:
-        if self._async is None:
-            return [(chain, self.handle_chain(queue, chain))]
-        return self._handle_batch(queue, chain, self._async)
+    def start_chain(
+        self, queue: SplitQueue, chain: DescriptorChain, taken: int, in_flight: int
+    ) -> InFlight | int | None:
+        """On an AsyncStorage, start the request and go on: any order is fine, since the
+        driver orders nothing between requests in flight (a flush covers the writes completed
+        before it, §5.2.6.4)."""
+        storage = self._async
+        if storage is None:
+            return super().start_chain(queue, chain, taken, in_flight)
+        started = self._handle(queue, chain, storage)
+        if started is None:
+            return chain.write_len
+        return _Request(chain, taken, started, self._started[queue.index])
 
-    def _handle_batch(
-        self, queue: SplitQueue, chain: DescriptorChain, storage: AsyncStorage
-    ) -> list[tuple[DescriptorChain, int]]:
-        """Take up to the storage's queue depth of the queue's requests, start their reads and
-        writes together, then wait for them (any order is fine: the driver orders nothing
-        between requests in flight, and a flush covers only writes already completed)."""
-        stats = self.stats[queue.index]
-        begun = time.monotonic_ns()
-        batch = [chain]
-        while len(batch) < storage.queue_depth and (more := queue.pop()) is not None:
-            stats.taken()
-            batch.append(more)
-        started: list[_Started] = []
-        try:
-            for taken in batch:
-                request = self._handle(queue, taken, storage)
-                if request is not None:
-                    started.append(request)
-        except BaseException:
-            for *_, completion in started:  # they use guest memory: let them finish first
-                with contextlib.suppress(OSError):
-                    completion.wait()
-            raise
-        for status, req_type, sector, completion in started:
+    def reap(
+        self, queue: SplitQueue, in_flight: Collection[InFlight], *, block: bool
+    ) -> list[tuple[InFlight, int]]:
+        storage = self._async
+        if storage is None:
+            return super().reap(queue, in_flight, block=block)
+        table = self._started[queue.index]
+        done: list[tuple[InFlight, int]] = []
+        for completion in storage.wait_any(table.keys(), block=block):
+            request = table.pop(completion)
             try:
                 completion.wait()
             except OSError as exc:
-                self._storage_failed(stats, req_type, sector, exc)
-                status[0] = _S_IOERR
+                self._storage_failed(self.stats[queue.index], request.req_type, request.sector, exc)
+                request.status[0] = _S_IOERR
             else:
-                status[0] = _S_OK
-        # process_queue counts the first chain; the others are requests of their own.
-        elapsed = time.monotonic_ns() - begun
-        for _ in batch[1:]:
-            stats.completed(0, 0, elapsed)
-        return [(taken, taken.write_len) for taken in batch]
+                request.status[0] = _S_OK
+            done.append((request, request.chain.write_len))
+        return done
+
+    def in_flight_limit(self, queue: SplitQueue) -> int:
+        storage = self._async
+        return storage.queue_depth if storage is not None else super().in_flight_limit(queue)
 
     def _storage_failed(self, stats: QueueStats, req_type: int, sector: int, exc: OSError) -> None:
         self._errors.warning(
@@ -307,8 +327,9 @@ class BlkDevice(VirtioDevice):
     def _handle(
         self, queue: SplitQueue, chain: DescriptorChain, storage: AsyncStorage | None
     ) -> _Started | None:
-        """Handle a request; with ``storage``, a read or write is only started and returned
-        (its status is written once it completes)."""
+        """Handle a request; with ``storage``, a read, write, flush, or a discard or
+        write-zeroes of one segment, is only started and returned (its status is written
+        once it completes)."""
         writable = chain.writable
         stats = self.stats[queue.index]
         if chain.fault is not None:
@@ -395,12 +416,14 @@ class BlkDevice(VirtioDevice):
             self.image.writev(data_out, sector << SECTOR_SHIFT, dsync=self._dsync)
             return _S_OK
         if req_type in (_T_FLUSH, _T_FLUSH_OUT):
+            if storage is not None:
+                return storage.start_flush()
             self.image.flush()
             return _S_OK
         if req_type == _T_GET_ID:
             return self._get_id(data_in)
         if req_type in (_T_DISCARD, _T_WRITE_ZEROES):
-            return self._discard_or_zero(req_type, data_out)
+            return self._discard_or_zero(req_type, data_out, storage)
         return _S_UNSUPP
 
     def _range_bad(self, sector: int, length: int) -> bool:
@@ -421,7 +444,9 @@ class BlkDevice(VirtioDevice):
                 break
         return _S_OK
 
-    def _discard_or_zero(self, req_type: int, data_out: list[memoryview]) -> int:
+    def _discard_or_zero(
+        self, req_type: int, data_out: list[memoryview], storage: AsyncStorage | None = None
+    ) -> int | Completion:
         feature = BlkFeature.DISCARD if req_type == _T_DISCARD else BlkFeature.WRITE_ZEROES
         if not self.negotiated(feature):
             return _S_UNSUPP
@@ -442,6 +467,14 @@ class BlkDevice(VirtioDevice):
                 return _S_UNSUPP
             if num_sectors > MAX_DISCARD_SECTORS or self._range_bad(sector, num_sectors << 9):
                 return _S_IOERR
+        if storage is not None and len(segments) == 1 and segments[0][1]:
+            sector, num_sectors, flags = segments[0]
+            offset, length = sector << SECTOR_SHIFT, num_sectors << SECTOR_SHIFT
+            if req_type == _T_DISCARD:
+                return storage.start_discard(offset, length)
+            return storage.start_write_zeroes(
+                offset, length, unmap=bool(flags & WRITE_ZEROES_FLAG_UNMAP), dsync=self._dsync
+            )
         for sector, num_sectors, flags in segments:
             if num_sectors == 0:
                 continue  # nothing to do, and fallocate() refuses empty ranges

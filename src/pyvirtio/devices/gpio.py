@@ -295,11 +295,13 @@ class GpioDevice(VirtioDevice, GpioListener):
             taken = queue.pop()
         return done
 
-    def process_queue(self, index: int, stop: threading.Event | None = None) -> None:
+    def process_queue(
+        self, index: int, stop: threading.Event | None = None, poll_ns: int = 0
+    ) -> None:
         if index != EVENT_QUEUE:
-            super().process_queue(index, stop)
+            super().process_queue(index, stop, poll_ns)
             return
-        with self._event_lock:
+        with self._event_lock:  # never polled: the lock is not held waiting for the guest
             queue = self.queues[index]
             if queue.active and self.broken is None:
                 self._complete_ready(queue)  # published by the drain below

@@ -23,15 +23,15 @@ Contract, for every implementation:
   matching virtio-blk features only when they are true. They do not change while the storage
   is open.
 
-Storage whose requests take a round trip (a network server) also implements
-:class:`AsyncStorage`: reads and writes *started* from one thread and waited for later, so that
-one virtqueue's worker keeps many requests in flight instead of one (the device does this when
-the storage has it; a raw image's ``preadv`` into the page cache has nothing to overlap).
+Storage that can overlap requests (a network server's round trips, a raw image through
+io_uring) also implements :class:`AsyncStorage`: requests are *started* from one thread and
+completed later, in whatever order they finish, so that one virtqueue's worker keeps many in
+flight instead of one (the device does this when the storage has it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 #: What data moves through: views into guest memory.
@@ -88,7 +88,7 @@ class Storage(Protocol):
 
 
 class Completion(Protocol):
-    """A read or write started by :class:`AsyncStorage`."""
+    """A request started by :class:`AsyncStorage`."""
 
     def wait(self) -> None:
         """Return once the operation is complete, or raise :class:`OSError` as the
@@ -98,9 +98,12 @@ class Completion(Protocol):
 
 @runtime_checkable
 class AsyncStorage(Storage, Protocol):
-    """Storage that can have many reads and writes in flight from one thread."""
+    """Storage that can have many requests in flight from one thread.
 
-    #: How many requests one queue should start before waiting for them.
+    The requests one thread starts are that thread's: it alone waits for them (with
+    :meth:`wait_any` and then :meth:`Completion.wait`)."""
+
+    #: How many requests one queue should have in flight at most.
     queue_depth: int
 
     def start_readv(self, buffers: Buffers, offset: int) -> Completion:
@@ -108,3 +111,21 @@ class AsyncStorage(Storage, Protocol):
 
     def start_writev(self, buffers: Buffers, offset: int, *, dsync: bool = False) -> Completion:
         """Start :meth:`Storage.writev`."""
+
+    def start_flush(self) -> Completion:
+        """Start :meth:`Storage.flush`: it covers the writes completed before this call, not
+        those still in flight."""
+
+    def start_discard(self, offset: int, length: int) -> Completion:
+        """Start :meth:`Storage.discard`."""
+
+    def start_write_zeroes(
+        self, offset: int, length: int, *, unmap: bool, dsync: bool = False
+    ) -> Completion:
+        """Start :meth:`Storage.write_zeroes`."""
+
+    def wait_any(self, started: Collection[Completion], *, block: bool) -> list[Completion]:
+        """Those of ``started`` (requests this thread started and has not waited for) that
+        are complete now, in any order; with ``block`` and ``started`` not empty, at least one
+        (the storage may return one whose :meth:`Completion.wait` still takes up to the bound
+        it puts on a request)."""

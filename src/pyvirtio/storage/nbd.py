@@ -56,11 +56,11 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import ModuleType
 from typing import Any
 
-from pyvirtio.storage.base import Buffers, StorageError
+from pyvirtio.storage.base import Buffers, Completion, StorageError
 from pyvirtio.system_bindings import load
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ class _Pending:
         if not self.error:
             self.error = error
         self._finish(count)
+
+    @property
+    def outstanding(self) -> int:
+        return self._count
 
     def _finish(self, count: int) -> None:
         with self._lock:
@@ -225,6 +229,11 @@ class _Request:
             pending.not_submitted(len(commands), errno.ENOTCONN)
         else:
             storage._submit(handle, commands, pending)
+
+    def ready(self) -> bool:
+        """Whether the commands sent are all done (:meth:`wait` sends them again if their
+        connection was lost, which only happens after they are done)."""
+        return self._pending.outstanding == 0
 
     def wait(self) -> None:
         storage = self._storage
@@ -637,8 +646,13 @@ class NbdStorage:
         return _Request(self, commands, not fua and self.can_flush, then)
 
     def flush(self) -> None:
-        if self.can_flush:
-            self._execute([(_FLUSH, None, 0, 0)])
+        self.start_flush().wait()
+
+    def start_flush(self) -> _Request:
+        commands: list[_Command] = [(_FLUSH, None, 0, 0)] if self.can_flush else []
+        return _Request(self, commands, False, self._report_lost_writes)
+
+    def _report_lost_writes(self) -> None:
         with self._dirty_lock:
             lost, self._lost_writes = self._lost_writes, False
         if lost:
@@ -649,22 +663,36 @@ class NbdStorage:
             )
 
     def discard(self, offset: int, length: int) -> None:
+        self.start_discard(offset, length).wait()
+
+    def start_discard(self, offset: int, length: int) -> _Request:
         if not self.can_discard:
-            return  # a hint: nothing to do
-        self._execute(self._range_commands(_TRIM, offset, length, 0), volatile_write=self.can_flush)
+            return _Request(self, [], False)  # a hint: nothing to do
+        return _Request(self, self._range_commands(_TRIM, offset, length, 0), self.can_flush)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool, dsync: bool = False) -> None:
+        self.start_write_zeroes(offset, length, unmap=unmap, dsync=dsync).wait()
+
+    def start_write_zeroes(
+        self, offset: int, length: int, *, unmap: bool, dsync: bool = False
+    ) -> _Request:
         if not self.can_write_zeroes:
             raise OSError(errno.EOPNOTSUPP, f"{self.path}: the export cannot write zeroes")
         nbd = self._nbd
         fua = dsync and self.can_fua
         flags = (0 if unmap else nbd.CMD_FLAG_NO_HOLE) | (nbd.CMD_FLAG_FUA if fua else 0)
-        self._execute(
+        return _Request(
+            self,
             self._range_commands(_ZERO, offset, length, flags),
-            volatile_write=not fua and self.can_flush,
+            not fua and self.can_flush,
+            self.flush if dsync and not fua else None,
         )
-        if dsync and not fua:
-            self.flush()
+
+    def wait_any(self, started: Collection[Completion], *, block: bool) -> list[Completion]:
+        done: list[Completion] = [c for c in started if isinstance(c, _Request) and c.ready()]
+        if done or not block or not started:
+            return done
+        return [next(iter(started))]  # its wait() is bounded by the timeout
 
     def _range_commands(self, op: int, offset: int, length: int, flags: int) -> list[_Command]:
         step = MAX_ZERO_REQUEST

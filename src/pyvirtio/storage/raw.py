@@ -18,9 +18,11 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 
-from pyvirtio.storage.base import Buffers, StorageError
+from pyvirtio.storage import io_uring
+from pyvirtio.storage.base import Buffers, Completion, StorageError
+from pyvirtio.storage.io_uring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -279,3 +281,291 @@ class RawImage:
                     length -= n
             finally:
                 view.release()
+
+
+# -- io_uring -------------------------------------------------------------------------------------
+
+_DONE, _READ, _WRITE, _FLUSH, _DISCARD, _ZEROES = range(-1, 5)
+#: Requests in flight per thread (the ring's size; its completion queue holds twice as many).
+URING_DEPTH = 256
+
+
+class _UringRequest:
+    """A request a :class:`UringImage` started (a :class:`~pyvirtio.storage.base.Completion`)."""
+
+    __slots__ = ("buffers", "dsync", "engine", "kind", "length", "offset", "result", "unmap")
+
+    def __init__(
+        self,
+        engine: _Engine | None,
+        kind: int,
+        buffers: Buffers,
+        offset: int,
+        length: int,
+        dsync: bool = False,
+        unmap: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.kind = kind
+        self.buffers = buffers
+        self.offset = offset
+        self.length = length
+        self.dsync = dsync
+        self.unmap = unmap
+        #: What the system call returned (-errno on failure); None while in flight.
+        self.result: int | None = None
+
+    def wait(self) -> None:
+        kind = self.kind
+        if kind == _DONE:
+            return
+        engine = self.engine
+        assert engine is not None
+        if self.result is None:
+            engine.wait_for(self)
+        result = self.result
+        assert result is not None
+        self.kind = _DONE  # waited for: wait_any hands it out no more
+        if result != self.length or kind > _WRITE:
+            self.kind = kind
+            try:
+                engine.image.finish(self, result)
+            finally:
+                self.kind = _DONE
+
+
+class _Engine:
+    """One thread's ring and the requests it has in flight on it."""
+
+    def __init__(self, image: UringImage, ring: Ring) -> None:
+        self.image = image
+        self.ring = ring
+        self.free = list(range(ring.entries - 1, -1, -1))
+        self.in_flight: list[_UringRequest | None] = [None] * ring.entries
+        #: Completed, not yet handed out by wait_any.
+        self.done: list[_UringRequest] = []
+
+    def slot(self, request: _UringRequest) -> int:
+        free = self.free
+        while not free:
+            self.collect(1)
+        slot = free.pop()
+        self.in_flight[slot] = request
+        return slot
+
+    def collect(self, wait: int) -> None:
+        in_flight, free, done = self.in_flight, self.free, self.done
+        for slot, result in self.ring.reap(wait):
+            request = in_flight[slot]
+            assert request is not None
+            in_flight[slot] = None
+            free.append(slot)
+            request.result = result
+            done.append(request)
+
+    def wait_for(self, request: _UringRequest) -> None:
+        while request.result is None:
+            self.collect(1)
+
+
+class UringImage(RawImage):
+    """A raw image whose queues do their I/O through io_uring: an
+    :class:`~pyvirtio.storage.base.AsyncStorage`.
+
+    Each thread that starts requests gets a ring of its own (a queue's worker keeps up to
+    :data:`URING_DEPTH` requests in flight on it, submitted with one system call per batch and
+    completed in the order they finish). A thread that cannot have a ring (a seccomp filter
+    loaded since the image was opened, a memory limit) does its requests synchronously, as
+    :class:`RawImage` does. Synchronous calls (:meth:`RawImage.readv` and the others) stay
+    as they are."""
+
+    queue_depth = URING_DEPTH
+
+    def __init__(self, path: str, *, read_only: bool = False, direct: bool = False) -> None:
+        why = io_uring.available()
+        if why is not None:
+            raise ImageError(f"io_uring cannot be used: {why}")
+        super().__init__(path, read_only=read_only, direct=direct)
+        self._local = threading.local()
+        self._warned = False
+
+    def _engine(self) -> _Engine | None:
+        try:
+            engine: _Engine | None = self._local.engine
+        except AttributeError:
+            try:
+                engine = _Engine(self, io_uring.Ring(URING_DEPTH))
+            except OSError as exc:
+                if not self._warned:
+                    log.warning(
+                        "%s: no io_uring in this thread (%s): synchronous I/O", self.path, exc
+                    )
+                    self._warned = True
+                engine = None
+            self._local.engine = engine
+        return engine
+
+    def _start(self, request: _UringRequest) -> _UringRequest:
+        """Do ``request`` synchronously (the thread has no ring, or io_uring would not do); it
+        is complete at once, and wait_any hands it out with the others."""
+        self.finish(request, -errno.ENOSYS)
+        request.kind = _DONE
+        request.result = 0
+        if request.engine is not None:
+            request.engine.done.append(request)
+        return request
+
+    @staticmethod
+    def _submit(engine: _Engine, request: _UringRequest, prepare: Callable[[int], None]) -> None:
+        """Give ``request`` a slot and have ``prepare`` put it on the ring; a request that
+        cannot be prepared (OSError) gives its slot back."""
+        slot = engine.slot(request)
+        try:
+            prepare(slot)
+        except BaseException:
+            engine.in_flight[slot] = None
+            engine.free.append(slot)
+            raise
+
+    def start_readv(self, buffers: Buffers, offset: int) -> _UringRequest:
+        engine = self._engine()
+        length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
+        request = _UringRequest(engine, _READ, buffers, offset, length)
+        if engine is None or len(buffers) > IOV_MAX:
+            return self._start(request)
+        fd, ring = self.fd, engine.ring
+        self._submit(engine, request, lambda slot: ring.read(fd, buffers, offset, slot))
+        return request
+
+    def start_writev(self, buffers: Buffers, offset: int, *, dsync: bool = False) -> _UringRequest:
+        engine = self._engine()
+        length = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
+        request = _UringRequest(engine, _WRITE, buffers, offset, length, dsync)
+        if engine is None or len(buffers) > IOV_MAX:
+            return self._start(request)
+        fd, ring, rwf = self.fd, engine.ring, os.RWF_DSYNC if dsync else 0
+        self._submit(engine, request, lambda slot: ring.write(fd, buffers, offset, slot, rwf))
+        return request
+
+    def start_flush(self) -> _UringRequest:
+        engine = self._engine()
+        request = _UringRequest(engine, _FLUSH, (), 0, 0)
+        if engine is None:
+            return self._start(request)
+        fd, ring = self.fd, engine.ring
+        self._submit(engine, request, lambda slot: ring.fsync(fd, slot))
+        return request
+
+    def start_discard(self, offset: int, length: int) -> _UringRequest:
+        engine = self._engine()
+        request = _UringRequest(engine, _DISCARD, (), offset, length)
+        if engine is None or self.is_block_device or not self.can_punch_holes:
+            return self._start(request)
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        fd, ring = self.fd, engine.ring
+        self._submit(engine, request, lambda slot: ring.fallocate(fd, mode, offset, length, slot))
+        return request
+
+    def start_write_zeroes(
+        self, offset: int, length: int, *, unmap: bool, dsync: bool = False
+    ) -> _UringRequest:
+        engine = self._engine()
+        request = _UringRequest(engine, _ZEROES, (), offset, length, dsync, unmap)
+        if unmap and self.can_punch_holes:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        elif self.can_zero_range:
+            mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        else:
+            mode = 0
+        if engine is None or self.is_block_device or not mode:
+            return self._start(request)
+        fd, ring = self.fd, engine.ring
+        self._submit(engine, request, lambda slot: ring.fallocate(fd, mode, offset, length, slot))
+        return request
+
+    def wait_any(self, started: Collection[Completion], *, block: bool) -> list[Completion]:
+        engine = self._engine()
+        if engine is None:
+            return list(started)  # everything was done synchronously
+        if engine.ring.unsubmitted or not engine.done:
+            engine.collect(0)
+        while True:
+            ready: list[Completion] = []
+            later: list[_UringRequest] = []
+            for request in engine.done:
+                if request in started:
+                    ready.append(request)
+                elif request.kind != _DONE:  # waited for directly: forget it
+                    later.append(request)
+            engine.done = later
+            if ready or not block or not started:
+                return ready
+            if len(engine.free) == engine.ring.entries:
+                # Nothing of this thread's is on the ring: what it started is complete (and
+                # its wait() says how); waiting for a completion would never return.
+                return list(started)
+            engine.collect(1)
+
+    def finish(self, request: _UringRequest, result: int) -> None:
+        """Complete what io_uring did not, or could not do: a short transfer, a buffer
+        O_DIRECT refuses, an operation the file system lacks (``result``: what io_uring
+        returned, or -ENOSYS for a request it never saw); raise OSError for the rest."""
+        kind = request.kind
+        if kind <= _WRITE:
+            if result >= 0:
+                self._finish_short(
+                    request.buffers,
+                    request.offset,
+                    result,
+                    write=kind == _WRITE,
+                    dsync=request.dsync,
+                )
+            elif result in (-errno.ENOSYS, -errno.EINVAL, -errno.EAGAIN):
+                # Not seen by io_uring, or a buffer O_DIRECT refuses: the synchronous path
+                # (which bounces for O_DIRECT) does it, or reports the error.
+                if kind == _READ:
+                    self.readv(request.buffers, request.offset)
+                else:
+                    self.writev(request.buffers, request.offset, dsync=request.dsync)
+            else:
+                raise OSError(-result, os.strerror(-result))
+            return
+        if result >= 0:
+            if kind == _ZEROES and request.dsync:
+                os.fdatasync(self.fd)
+            return
+        if result == -errno.ENOSYS or -result in _UNSUPPORTED:
+            # Never submitted, or the file system cannot: the synchronous call falls back (to
+            # a no-op discard, or writing zeros) and remembers it.
+            if kind == _FLUSH:
+                self.flush()
+            elif kind == _DISCARD:
+                self.discard(request.offset, request.length)
+            else:
+                self.write_zeroes(
+                    request.offset, request.length, unmap=request.unmap, dsync=request.dsync
+                )
+            return
+        raise OSError(-result, os.strerror(-result))
+
+
+def open_image(
+    path: str, *, read_only: bool = False, direct: bool = False, engine: str = "auto"
+) -> RawImage:
+    """Open a raw image with an I/O engine: ``"io_uring"`` (raises :class:`ImageError` where
+    it cannot be used), ``"sync"`` (preadv and pwritev on the queue's thread), or ``"auto"``:
+    io_uring where it can be used, sync otherwise."""
+    if engine not in ENGINES:
+        raise ImageError(f"unknown I/O engine {engine!r} (one of {', '.join(ENGINES)})")
+    if engine != "sync":
+        try:
+            return UringImage(path, read_only=read_only, direct=direct)
+        except ImageError as exc:
+            if engine == "io_uring" or not str(exc).startswith("io_uring"):
+                raise
+            log.info("%s: %s; synchronous I/O", path, exc)
+    return RawImage(path, read_only=read_only, direct=direct)
+
+
+#: The I/O engines :func:`open_image` knows.
+ENGINES = ("auto", "io_uring", "sync")
