@@ -29,8 +29,8 @@ def start_pyvirtio(image: Path, sock: Path, io_threads: int = 0) -> RunningBacke
     return PYVIRTIO.start(image, sock, BlkOptions(queue_size=QUEUE_SIZE, io_threads=io_threads))
 
 
-def start_qsd(image: Path, sock: Path) -> RunningBackend:
-    return QSD.start(image, sock)
+def start_qsd(image: Path, sock: Path, aio: str | None = None) -> RunningBackend:
+    return QSD.start(image, sock, BlkOptions(aio=aio))
 
 
 class NullQemuStorageDaemon(QemuStorageDaemon):
