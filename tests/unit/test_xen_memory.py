@@ -19,7 +19,7 @@ from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.virtqueue import DriverQueue
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.xen.config import DiskConfig
-from pyvirtio.shims.xen.daemon import Disk, Guest
+from pyvirtio.shims.xen.daemon import Disk, DiskInterrupt, Guest
 from pyvirtio.shims.xen.gntdev import GRANT_DMA_ADDR_OFF, CopySegment, Gntdev
 from pyvirtio.shims.xen.memory import BUCKET_PAGES, ForeignGuestMemory
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, ForeignMapping, Privcmd
@@ -97,7 +97,10 @@ class XenLike:
             irq=33,
         )
         assert self.machine.runner is not None
-        self.disk = Disk(config, "", self.device, self.machine.transport, self.machine.runner)
+        interrupt = cast(DiskInterrupt, None)  # the in-process machine raises its own
+        self.disk = Disk(
+            config, "", self.device, self.machine.transport, self.machine.runner, interrupt, []
+        )
         self.guest = Guest(1, cast(Privcmd, self.privcmd), self.memory, cast(GuestServer, None))
         self.guest.disks[51712] = self.disk
 
