@@ -179,8 +179,8 @@ result flask.map_guests "$(flask-get-bool pyvirtio_domd_map_guests)"
 DOMD_KERNEL=/domu/"""
         + DOMD_IMAGE_NAME
         + r"""
-DOMD_MEMORY=768
-DOMU_MEMORY=128
+DOMD_MEMORY=640
+DOMU_MEMORY=256
 domd_start domd 'seclabel = """
         + f'"{DOMD_LABEL}"'
         + r"""' || fail "no driver domain"
