@@ -195,11 +195,10 @@ mkfifo /tmp/cpu.ask /tmp/cpu.answer
 python3 /etc/rigs/cpu.py "$D" </tmp/cpu.ask >/tmp/cpu.answer &
 exec 3>/tmp/cpu.ask 4</tmp/cpu.answer
 domd_cpu() { echo >&3; read -r _cpu <&4; echo "$_cpu"; }
-wait_marker() {  # DOMU TEXT: until the domU's console has TEXT (180 s; a job takes < 20)
-    _t=0
+wait_marker() {  # DOMU TEXT: until the domU's console has TEXT (180 s of dom0's clock)
+    _until=$(($(cut -d. -f1 /proc/uptime) + 180))
     until grep -q "$2" "$CONSOLE_DIR/guest-$1.log" 2>/dev/null; do
-        _t=$((_t + 1))
-        [ "$_t" -gt 3600 ] && return 1
+        [ "$(cut -d. -f1 /proc/uptime)" -gt "$_until" ] && return 1
         domu_exists "$1" || return 1
         usleep 50000
     done
@@ -227,7 +226,8 @@ run_variant() {  # ROUND NAME KERNEL DAEMON-ARGS|pv
         + job_names
         + r"""; do
         wait_marker b "job-start.$_j " || bench_fail "$_v: no job $_j"
-        [ "$4" = pv ] || domd_sh domd ". /etc/rigs/stats.sh; backend_stats $_r.$_v.$_j.before"
+        [ "$4" = pv ] || domd_sh domd ". /etc/rigs/stats.sh; backend_stats $_r.$_v.$_j.before" 60 \
+            || bench_fail "$_v: no statistics from the daemon ($_j, before)"
         _c0=$(domd_cpu) _t0=$(now)
         usleep """
         + str(int(IDLE_SAMPLE_S * 1e6))
@@ -236,7 +236,8 @@ run_variant() {  # ROUND NAME KERNEL DAEMON-ARGS|pv
         grep -q "job-go.$_j " "$CONSOLE_DIR/guest-b.log" && result "$_r.$_v.$_j.late" 1
         wait_marker b "job-end.$_j " || bench_fail "$_v: job $_j did not end"
         _c1=$(domd_cpu) _t1=$(now)
-        [ "$4" = pv ] || domd_sh domd ". /etc/rigs/stats.sh; backend_stats $_r.$_v.$_j.after"
+        [ "$4" = pv ] || domd_sh domd ". /etc/rigs/stats.sh; backend_stats $_r.$_v.$_j.after" 60 \
+            || bench_fail "$_v: no statistics from the daemon ($_j, after)"
         result "$_r.$_v.$_j.cpu_ns" $((_c1 - _ci))
         result "$_r.$_v.$_j.idle_ns" $((_ci - _c0))
         result "$_r.$_v.$_j.idle_s" "$(awk -v a="$_t0" -v b="$_ti" 'BEGIN { print b - a }')"
