@@ -357,7 +357,8 @@ def report(runs: dict[str, dict[str, list[dict[str, object]]]], meta: dict[str, 
     def ratio(variant: str, baseline: str, job: str, fn: object) -> float:
         assert callable(fn)
         pairs = zip(runs[variant][job], runs[baseline][job], strict=True)
-        values = [fn(a) / fn(b) for a, b in pairs if usable(a, fn) and usable(b, fn)]
+        # a baseline of 0 (its CPU all within the idle rate subtracted) has no ratio
+        values = [fn(a) / fn(b) for a, b in pairs if usable(a, fn) and usable(b, fn) and fn(b)]
         return statistics.median(values) if values else float("nan")
 
     late = sum("cpu_ns" not in f for jobs in runs.values() for fs in jobs.values() for f in fs)
