@@ -72,6 +72,21 @@ def sources_text(arch: str) -> str:
     return "\n".join(stanzas)
 
 
+def backports_sources_text(arch: str) -> str:
+    """A deb822 sources file with only the backports suite of the host's Debian release (e.g.
+    ``bookworm-backports``), ``deb`` only, for ``arch``."""
+    for uri, suites, signed in _host_debian_sources() or list(_FALLBACK_SOURCES):
+        release = suites.split()[0] if suites.split() else ""
+        if release and "-" not in release:
+            signed_by = signed or (_KEYRING if Path(_KEYRING).exists() else "")
+            stanza = (
+                f"Types: deb\nURIs: {uri}\nSuites: {release}-backports\nComponents: main\n"
+                f"Architectures: {arch}\n"
+            )
+            return stanza + (f"Signed-By: {signed_by}\n" if signed_by else "")
+    raise RigError("no Debian release among the host's apt sources to take backports from")
+
+
 def parse_depends(record: dict[str, str]) -> list[list[str]]:
     """Pre-Depends and Depends of a package record: alternatives (names, arch qualifiers
     and version constraints dropped)."""
@@ -101,7 +116,11 @@ def newest_first(versions: Iterable[str]) -> list[str]:
 class ForeignApt:
     """apt-get / apt-cache for ``arch`` with private lists, cache and sources under ``root``."""
 
-    def __init__(self, root: Path, debs: Path, arch: str = "arm64") -> None:
+    def __init__(
+        self, root: Path, debs: Path, arch: str = "arm64", sources: str | None = None
+    ) -> None:
+        """``sources``: the sources file's text (default: :func:`sources_text`)."""
+        text = sources if sources is not None else sources_text(arch)
         self.root = root
         self.debs = debs
         self.arch = arch
@@ -111,10 +130,9 @@ class ForeignApt:
             d.mkdir(parents=True, exist_ok=True)
         self.debs.mkdir(parents=True, exist_ok=True)
         (root / "status").touch()
-        sources = self.parts / "debian.sources"
-        text = sources_text(arch)
-        if not sources.is_file() or sources.read_text() != text:
-            sources.write_text(text)
+        path = self.parts / "debian.sources"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
             (self.lists / ".updated").unlink(missing_ok=True)
 
     def options(self) -> list[str]:

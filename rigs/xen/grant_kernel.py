@@ -75,6 +75,8 @@ CONFIG = (
     "BLK_DEV",
     "VIRTIO_BLK",
     "EXT4_FS",
+    # Xen's PV block front-end, for benchmarks against the PV block driver on this kernel
+    "XEN_BLKDEV_FRONTEND",
 )
 
 
@@ -93,19 +95,26 @@ class GrantKernel:
 
 def build_key(version: str) -> str:
     """The cache key of a build of source ``version`` with this module's settings."""
+    return config_key(BUILD_FORMAT, version, CONFIG, PATCH)
+
+
+def config_key(build_format: int, version: str, config: tuple[str, ...], patch: Path | None) -> str:
+    """The cache key of a kernel built from source ``version`` with ``config`` (and
+    ``patch``), by this module's recipe and the current cross-compiler."""
     h = hashlib.sha256()
-    for part in (str(BUILD_FORMAT), version, "\n".join(CONFIG), compiler_version()):
+    for part in (str(build_format), version, "\n".join(config), compiler_version()):
         h.update(part.encode() + b"\n")
-    h.update(PATCH.read_bytes())
+    if patch is not None:
+        h.update(patch.read_bytes())
     return h.hexdigest()[:12]
 
 
-def _unpack_source(deb: Path, dest: Path) -> Path:
+def _unpack_source(deb: Path, dest: Path, tarball: str = TARBALL) -> Path:
     """Stream the tarball out of the .deb and unpack it (no copy of it on disk)."""
     deb_tar = subprocess.Popen(
         [str(find_tool("dpkg-deb")), "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE
     )
-    inner = subprocess.Popen(["tar", "-xO", TARBALL], stdin=deb_tar.stdout, stdout=subprocess.PIPE)
+    inner = subprocess.Popen(["tar", "-xO", tarball], stdin=deb_tar.stdout, stdout=subprocess.PIPE)
     assert deb_tar.stdout is not None
     deb_tar.stdout.close()
     untar = subprocess.run(
@@ -118,7 +127,7 @@ def _unpack_source(deb: Path, dest: Path) -> Path:
     assert inner.stdout is not None
     inner.stdout.close()
     if deb_tar.wait() != 0 or inner.wait() != 0 or untar.returncode != 0:
-        raise RigError(f"cannot unpack {TARBALL} from {deb.name}: {untar.stderr.strip()[-500:]}")
+        raise RigError(f"cannot unpack {tarball} from {deb.name}: {untar.stderr.strip()[-500:]}")
     tops = [p for p in dest.iterdir() if p.is_dir()]
     if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
         raise RigError(f"{deb.name}: the tarball does not unpack to one tree with a Makefile")
@@ -133,45 +142,58 @@ def ensure_grant_kernel(apt: ForeignApt | None = None, into: Path | None = None)
         if apt is None:
             apt = ForeignApt(xen_cache_dir("apt"), xen_cache_dir("debs"))
             apt.update()
-        version = apt.version(SOURCE_PACKAGE)
-        out = into / f"{version}-{build_key(version)}"
-        built = GrantKernel(version, out / "Image", out / "config")
-        if built.image.is_file() and built.config.is_file():
-            return built
-        for tool in ("make", "flex", "bison", "bc", "patch", "dpkg-deb", "xz"):
-            find_tool(tool)
-        find_tool(f"{CROSS_COMPILE}gcc")
-        deb = apt.download({SOURCE_PACKAGE: version})[SOURCE_PACKAGE]
-        into.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
-            work = Path(tmp)
-            log = work / "build.log"
-            src = _unpack_source(deb, work)
-            run_logged(["patch", "-p1", "--forward", "-i", str(PATCH)], src, log, "patch")
-            fragment = work / "fragment.config"
-            fragment.write_text("".join(f"CONFIG_{opt}=y\n" for opt in CONFIG))
-            make = ["make", "ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
-            run_logged(
-                [*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig"
-            )
-            config = (src / ".config").read_text()
-            missing = [o for o in CONFIG if f"CONFIG_{o}=y" not in config.splitlines()]
-            if missing:
-                raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
-            jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
-            run_logged(["nice", *make, jobs, "Image"], src, log, "make Image")
-            stage = work / "out"
-            stage.mkdir()
-            shutil.copy2(src / "arch" / "arm64" / "boot" / "Image", stage / "Image")
-            (stage / "config").write_text(config)
-            shutil.copy2(log, stage / "build.log")
-            shutil.rmtree(out, ignore_errors=True)
-            stage.rename(out)
-            out.chmod(0o755)
-        for stale in into.glob(f"{version}-*"):
-            if stale != out and not stale.name.startswith("."):
-                shutil.rmtree(stale, ignore_errors=True)
+        return build_kernel(apt, SOURCE_PACKAGE, CONFIG, PATCH, BUILD_FORMAT, into)
+
+
+def build_kernel(
+    apt: ForeignApt,
+    source_package: str,
+    config: tuple[str, ...],
+    patch: Path | None,
+    build_format: int,
+    into: Path,
+) -> GrantKernel:
+    """An arm64 ``Image`` of the newest ``source_package`` (a Debian ``linux-source-X.Y``):
+    ``allnoconfig`` plus ``config`` (each must end up ``=y``), ``patch`` applied; built once
+    into ``into/<version>-<key>``. The caller holds the build lock."""
+    version = apt.version(source_package)
+    out = into / f"{version}-{config_key(build_format, version, config, patch)}"
+    built = GrantKernel(version, out / "Image", out / "config")
+    if built.image.is_file() and built.config.is_file():
         return built
+    for tool in ("make", "flex", "bison", "bc", "patch", "dpkg-deb", "xz"):
+        find_tool(tool)
+    find_tool(f"{CROSS_COMPILE}gcc")
+    deb = apt.download({source_package: version})[source_package]
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
+        work = Path(tmp)
+        log = work / "build.log"
+        src = _unpack_source(deb, work, f"./usr/src/{source_package}.tar.xz")
+        if patch is not None:
+            run_logged(["patch", "-p1", "--forward", "-i", str(patch)], src, log, "patch")
+        fragment = work / "fragment.config"
+        fragment.write_text("".join(f"CONFIG_{opt}=y\n" for opt in config))
+        make = ["make", "ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
+        run_logged([*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig")
+        text = (src / ".config").read_text()
+        missing = [o for o in config if f"CONFIG_{o}=y" not in text.splitlines()]
+        if missing:
+            raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
+        jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
+        run_logged(["nice", *make, jobs, "Image"], src, log, "make Image")
+        stage = work / "out"
+        stage.mkdir()
+        shutil.copy2(src / "arch" / "arm64" / "boot" / "Image", stage / "Image")
+        (stage / "config").write_text(text)
+        shutil.copy2(log, stage / "build.log")
+        shutil.rmtree(out, ignore_errors=True)
+        stage.rename(out)
+        out.chmod(0o755)
+    for stale in into.glob(f"{version}-*"):
+        if stale != out and not stale.name.startswith("."):
+            shutil.rmtree(stale, ignore_errors=True)
+    return built
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ def finish_dom0(tree: FileTree, kernel: Kernel) -> None:
     # A driver domain boots from a copy of dom0's root (dom0-lib.sh: domd_start).
     tree.add_bytes("etc/rigs/domd-init.sh", _sh("domd-init.sh"), 0o755)
     tree.add_bytes("etc/rigs/domd-lib.sh", _sh("domd-lib.sh"))
+    tree.add_bytes("etc/rigs/block-loop", _sh("block-loop.sh"), 0o755)
     tree.add_symlink("usr/bin/python3", "python3.11")
     tree.add_file(f"{DOMU_DIR}/Image", kernel.vmlinuz, 0o644, origin="kernel")
     for d in ("var/lib/xen", "var/lib/xenstored", "var/log/xen/console", PYVIRTIO_DIR):

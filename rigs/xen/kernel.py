@@ -21,9 +21,17 @@ META_PACKAGE = "linux-image-arm64"
 
 # Modules dom0 loads, in this order (rigs.md): the xen device drivers, then xenfs.
 DOM0_MODULES = ("xen-evtchn", "xen-privcmd", "xen-gntdev", "xen-gntalloc", "xenfs")
-# Modules a domU loads: virtio-mmio, virtio-blk and virtio-rng, and ext4 for the file system tests
-# (crc32c_generic is ext4's softdep "crypto-crc32c", which modules.dep does not list).
-DOMU_MODULES = ("virtio_mmio", "virtio_blk", "crc32c_generic", "ext4", "virtio_rng")
+# Modules a domU loads: virtio-mmio, virtio-blk and virtio-rng, ext4 for the file system tests
+# (crc32c_generic is ext4's softdep "crypto-crc32c", which modules.dep does not list), and Xen's
+# PV block front-end for the benchmarks against it.
+DOMU_MODULES = (
+    "virtio_mmio",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "virtio_rng",
+    "xen-blkfront",
+)
 
 
 def kernel_package(apt: ForeignApt) -> tuple[str, str]:

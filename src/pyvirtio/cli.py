@@ -434,6 +434,14 @@ def _add_xen_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="bound on guest pages mapped at once with dynamic mapping (default 32768 = 128 MiB)",
     )
     p.add_argument(
+        "--notify",
+        choices=["auto", "kernel", "ioreq"],
+        default="auto",
+        help="QueueNotify and interrupts through the kernel (privcmd ioeventfd and irqfd, Linux "
+        ">= 6.7) where it can (auto, default), only through it (kernel), or through this "
+        "process (ioreq)",
+    )
+    p.add_argument(
         "--num-queues",
         type=_positive,
         default=1,
@@ -1058,6 +1066,7 @@ def run_xen(args: argparse.Namespace) -> int:
         backend_domid=args.backend_domid,
         static_mapping=args.mapping == "static",
         map_cache_pages=args.map_cache_pages,
+        notify=args.notify,
     )
     try:
         daemon = XenBackendDaemon(options, new_device)
@@ -1065,6 +1074,7 @@ def run_xen(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot reach Xen: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, _raise_shutdown)
+    signal.signal(signal.SIGUSR1, lambda _sig, _frame: daemon.request_stats())
     try:
         daemon.run()
     except _Shutdown as why:

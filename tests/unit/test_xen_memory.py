@@ -4,6 +4,7 @@ memory map changes (issue: hostile peers, Xen)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -15,16 +16,21 @@ import pytest
 
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
+from pyvirtio.driver.virtqueue import DriverQueue
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.xen.config import DiskConfig
-from pyvirtio.shims.xen.daemon import Disk, Guest
+from pyvirtio.shims.xen.daemon import Disk, DiskInterrupt, Guest
+from pyvirtio.shims.xen.gntdev import GRANT_DMA_ADDR_OFF, CopySegment, Gntdev
 from pyvirtio.shims.xen.memory import BUCKET_PAGES, ForeignGuestMemory
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, ForeignMapping, Privcmd
 from pyvirtio.shims.xen.server import GuestServer
 from pyvirtio.spec.blk import REQ_HEADER, BlkRequestType, BlkStatus
+from pyvirtio.spec.features import Feature, bit
 from pyvirtio.spec.ring import DESC, DescFlag
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.storage.raw import RawImage
+
+from .echo import EchoDevice
 
 RAM = 64 << 20
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
@@ -91,7 +97,10 @@ class XenLike:
             irq=33,
         )
         assert self.machine.runner is not None
-        self.disk = Disk(config, "", self.device, self.machine.transport, self.machine.runner)
+        interrupt = cast(DiskInterrupt, None)  # the in-process machine raises its own
+        self.disk = Disk(
+            config, "", self.device, self.machine.transport, self.machine.runner, interrupt, []
+        )
         self.guest = Guest(1, cast(Privcmd, self.privcmd), self.memory, cast(GuestServer, None))
         self.guest.disks[51712] = self.disk
 
@@ -182,3 +191,91 @@ def test_requests_that_find_the_cache_held_map_their_own_pages(xen_like) -> None
     x.driver.write(0, data * 8)
     assert x.driver.read(0, len(data) * 8) == data * 8
     assert x.memory.peak_buckets <= x.memory.max_buckets
+
+
+class FakeGntdev:
+    """Grant ``ref`` is page ``ref`` of the in-process RAM; refused references fail with
+    GNTST_general_error. Records the used index at each copy to the guest."""
+
+    def __init__(self, machine: InProcessMachine) -> None:
+        self.machine = machine
+        self.used_ring = 0
+        self.refused: set[int] = set()
+        self.copies = 0
+        self.copied_out_at_used_idx: list[int] = []
+
+    def copy(self, domid: int, segments: list[CopySegment], to_guest: bool) -> list[int]:
+        self.copies += 1
+        memory = self.machine.memory
+        if to_guest:
+            used_idx = int.from_bytes(memory.read(self.used_ring + 2, 2), "little")
+            self.copied_out_at_used_idx.append(used_idx)
+        statuses = []
+        for seg in segments:
+            if seg.ref in self.refused:
+                statuses.append(-1)
+                continue
+            guest = GUEST_RAM_BASE + (seg.ref << PAGE_SHIFT) + seg.offset
+            if to_guest:
+                memory.write(guest, ctypes.string_at(seg.address, seg.length))
+            else:
+                ctypes.memmove(seg.address, memory.read(guest, seg.length), seg.length)
+            statuses.append(0)
+        return statuses
+
+
+def _grant(addr: int) -> int:
+    """The grant DMA address of guest-physical ``addr`` under FakeGntdev's numbering."""
+    return GRANT_DMA_ADDR_OFF | (addr - GUEST_RAM_BASE)
+
+
+@pytest.fixture
+def grant_machine() -> Iterator[tuple[InProcessMachine, FakeGntdev, DriverQueue]]:
+    device = EchoDevice(queue_size=16)
+    machine = InProcessMachine(device, memory_size=RAM)
+    privcmd = FakePrivcmd(machine.ram_fds[0], RAM)
+    memory = ForeignGuestMemory(cast(Privcmd, privcmd), 1, ram_windows=[(GUEST_RAM_BASE, RAM)])
+    gntdev = FakeGntdev(machine)
+    memory.gntdev = cast(Gntdev, gntdev)
+    device.set_memory(memory)
+    drv = machine.driver()
+    drv.negotiate(bit(Feature.VERSION_1) | bit(Feature.RING_INDIRECT_DESC))
+    q = drv.setup_queues(1)[0]
+    gntdev.used_ring = q.used_addr
+    drv.driver_ok()
+    yield machine, gntdev, q
+    machine.close()
+    memory.close()
+
+
+def test_grant_buffers_are_copied_and_written_back_before_the_used_index_moves(
+    grant_machine: tuple[InProcessMachine, FakeGntdev, DriverQueue],
+) -> None:
+    """A request's grant buffers are copied, not mapped: what the device reads is copied in as
+    the chain is walked, what it writes goes out in one copy for the whole request, before the
+    driver can see the request completed. A buffer may span pages (consecutive grants)."""
+    machine, gntdev, q = grant_machine
+    src = machine.allocator.alloc(3 * 4096, 4096) + 4000  # 6000 bytes over 3 pages
+    dst1, dst2 = machine.allocator.alloc(4096, 4096) + 100, machine.allocator.alloc(8192, 4096)
+    data = os.urandom(6000)
+    machine.memory.write(src, data)
+    q.add([(_grant(src), 6000)], [(_grant(dst1), 96), (_grant(dst2), 5904)], "r", indirect=False)
+    machine.driver().notify(0)
+    assert q.get_used() == [("r", 6000)]
+    assert machine.memory.read(dst1, 96) + machine.memory.read(dst2, 5904) == data
+    assert gntdev.copied_out_at_used_idx == [0]  # one copy out, before used->idx moved
+    assert gntdev.copies == 2  # the readable buffer in, both writable ones out
+
+
+def test_a_grant_the_guest_did_not_give_fails_the_request(
+    grant_machine: tuple[InProcessMachine, FakeGntdev, DriverQueue],
+) -> None:
+    machine, gntdev, q = grant_machine
+    src, dst = machine.allocator.alloc(4096, 4096), machine.allocator.alloc(4096, 4096)
+    machine.memory.write(src, b"ping")
+    machine.memory.write(dst, b"....")
+    gntdev.refused.add((src - GUEST_RAM_BASE) >> PAGE_SHIFT)
+    q.add([(_grant(src), 4)], [(_grant(dst), 4)], "r", indirect=False)
+    machine.driver().notify(0)
+    assert q.get_used() == [("r", 0)]  # the echo device completes a faulted chain empty
+    assert machine.memory.read(dst, 4) == b"...."

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from pyvirtio.shims.inprocess import InProcessMachine
+from pyvirtio.shims.xen import privcmd
 from pyvirtio.shims.xen.config import ConfigError, parse_device_description, parse_disk
-from pyvirtio.shims.xen.ioreq import Ioreq, IoreqDispatcher, IoreqState, IoreqType, encode, parse
+from pyvirtio.shims.xen.ioreq import (
+    Ioreq,
+    IoreqDispatcher,
+    IoreqState,
+    IoreqType,
+    encode,
+    kind,
+    parse,
+)
 from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
 from pyvirtio.spec.mmio import MAGIC_VALUE, Reg
 
@@ -170,3 +179,42 @@ def test_device_descriptions(text: str, expected: tuple[str, str]) -> None:
 def test_bad_device_descriptions_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_device_description(text)
+
+
+def test_notifies_the_kernel_completes_are_left_to_it() -> None:
+    """With a privcmd ioeventfd for (window, queue) the kernel completes those QueueNotify
+    writes (linux drivers/xen/privcmd.c ioeventfd_interrupt()); the IOREQ thread must not."""
+    d, _, _ = make_dispatcher()
+    base = 0x0200_0000
+    notify = req(base + Reg.QUEUE_NOTIFY, read=False, data=0)
+    assert not d.for_kernel(notify)
+    d.set_kernel_notify(base, 0, True)
+    assert d.for_kernel(notify)
+    assert d.for_kernel(req(base + Reg.QUEUE_NOTIFY, read=False, data=0x1_0000))  # low 16 bits
+    assert not d.for_kernel(req(base + Reg.QUEUE_NOTIFY, read=False, data=1))  # another queue
+    assert not d.for_kernel(req(base + Reg.QUEUE_NOTIFY, read=False, data=0, size=2))
+    assert not d.for_kernel(req(base + Reg.QUEUE_NOTIFY, read=True))
+    assert not d.for_kernel(req(base + Reg.QUEUE_NOTIFY, read=False, kind=IoreqType.PIO))
+    d.set_kernel_notify(base, 0, False)
+    assert not d.for_kernel(notify)
+    d.set_kernel_notify(base, 0, True)
+    d.remove(base)
+    assert not d.for_kernel(notify)
+
+
+def test_ioreq_kinds() -> None:
+    base = 0x0200_0200
+    assert kind(req(base + Reg.QUEUE_NOTIFY, read=False)) == "notify"
+    assert kind(req(base + Reg.INTERRUPT_STATUS)) == "interrupt_status"
+    assert kind(req(base + Reg.INTERRUPT_ACK, read=False)) == "interrupt_ack"
+    assert kind(req(base + Reg.INTERRUPT_ACK)) == "other"
+    assert kind(req(base + Reg.STATUS)) == "other"
+    assert kind(req(base, kind=IoreqType.INVALIDATE)) == "other"
+
+
+def test_privcmd_layouts_match_linux() -> None:
+    """linux/include/uapi/xen/privcmd.h and xen/include/public/hvm/dm_op.h."""
+    assert privcmd.IOCTL_PRIVCMD_IRQFD == 0x40185008  # _IOW('P', 8, 24 bytes)
+    assert privcmd.IOCTL_PRIVCMD_IOEVENTFD == 0x40305009  # _IOW('P', 9, 48 bytes)
+    op = privcmd.dm_op_set_irq_level(33, 1)
+    assert op == bytes.fromhex("13000000000000002100000001000000")

@@ -2,8 +2,9 @@
 
 Xen boots with Flask (``xsm=flask``: the policy built into the rig's hypervisor, Xen's example
 policy plus ``rigs/xen/pyvirtio_domd.te``). dom0 creates a driver domain (``driver_domain =
-1``, label ``pyvirtio_domd_t``) that makes the disk image and runs ``pyvirtio xen``, and then a
-domU whose disk says ``backend=domd``. libxl gives that disk's device tree node ``iommus =
+1``, label ``pyvirtio_domd_t``, Linux 6.12 from :mod:`rigs.xen.domd_kernel`) that makes the disk
+image and runs ``pyvirtio xen``, and then a domU whose disk says ``backend=domd``. The driver
+domain's kernel has privcmd ioeventfd and irqfd: QueueNotify and interrupts go through it. libxl gives that disk's device tree node ``iommus =
 <&xen_grant_dma DOMD>``, so the domU's kernel (Debian's linux-source-6.1 built with
 ``XEN_VIRTIO``: :mod:`rigs.xen.grant_kernel`; Debian's own arm64 kernels lack it) passes every
 ring and buffer as a grant to DomD.
@@ -18,15 +19,18 @@ and checks an ext4 file system; DomD then checks its image.
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import pytest
 from rigs import RigError
+from rigs.xen.domd_kernel import DOMD_IMAGE_NAME, ensure_domd_kernel
 from rigs.xen.grant_kernel import GRANT_IMAGE_NAME, GrantKernel, ensure_grant_kernel
 
 from pyvirtio.spec.features import Feature
 from tests.xen.conftest import Runner
 from tests.xen.test_disk import DOM0_CHECK_IMAGE, DOMU_BUSY, DOMU_FS, _assert_fs
+from tests.xen.test_grants import GRANT_STATS
 
 pytestmark = pytest.mark.xen
 
@@ -74,7 +78,9 @@ PY
 cat >/etc/rigs/check.sh <<'SH'
 {DOM0_CHECK_IMAGE}
 SH
+DOMD_KERNEL=/domu/{DOMD_IMAGE_NAME}
 domd_start domd 'seclabel = "{DOMD_LABEL}"' || fail "the driver domain did not start"
+result flask.map_guests "$(flask-get-bool pyvirtio_domd_map_guests)"
 result domd.label "$(xl list -Z domd | sed -n 's/.* \(system_u:[^ ]*\).*/\1/p')"
 domd_sh domd "make_disk /tmp/a.img 64; backend_start" || {{ domu_console domd; fail "no backend in DomD"; }}
 domu_kernel Image-grants
@@ -130,10 +136,21 @@ def grant_kernel() -> GrantKernel:
         pytest.fail(f"cannot build the grant kernel: {exc}", pytrace=False)
 
 
-def test_driver_domain_serves_a_grant_guest(xen_run: Runner, grant_kernel: GrantKernel) -> None:
+@pytest.fixture(scope="session")
+def domd_kernel() -> GrantKernel:
+    """The driver domain's kernel (Linux 6.12 with privcmd ioeventfd and irqfd)."""
+    try:
+        return ensure_domd_kernel()
+    except (RigError, OSError) as exc:
+        pytest.fail(f"cannot build the driver domain kernel: {exc}", pytrace=False)
+
+
+def test_driver_domain_serves_a_grant_guest(
+    xen_run: Runner, grant_kernel: GrantKernel, domd_kernel: GrantKernel
+) -> None:
     run = functools.partial(
         xen_run,
-        domu_kernels={GRANT_IMAGE_NAME: grant_kernel.image},
+        domu_kernels={GRANT_IMAGE_NAME: grant_kernel.image, DOMD_IMAGE_NAME: domd_kernel.image},
         xen_args=("xsm=flask",),
     )
     result = run(DOM0, {"busy": DOMU_BUSY, "fs": DOMU_GRANTS + DOMU_FS}, check=False)
@@ -150,11 +167,21 @@ def test_driver_domain_serves_a_grant_guest(xen_run: Runner, grant_kernel: Grant
     assert r["g1.dom0_backend"] == "0", r
     assert r["g1.virtio0.driver"] == "virtio_blk", r
     assert r["g1.virtio0.features"][Feature.ACCESS_PLATFORM] == "1", r
-    stats = re.findall(r"domd\| backend\| .*map cache: (\d+) maps, .*; (\d+) grant maps", console)
+    stats = re.findall(f"domd\\| backend\\| .*{GRANT_STATS}", console)
     assert len(stats) == 2, f"the daemon did not report both guests' mappings: {stats}"
-    assert all(maps == "0" and int(grants) >= 100 for maps, grants in stats), stats
+    assert all(m == "0" and 1 <= int(r) <= 6 and int(c) >= 100 for m, r, c in stats), stats
+
+    # The driver domain's kernel completed every QueueNotify and raised every interrupt: the
+    # daemon served none of the former and wrote the irqfd for the latter.
+    assert "notifications through the kernel (privcmd ioeventfd and irqfd)" in console
+    for record in re.findall(r"domd\| backend\| .*: stats (\{.*\})$", console, re.MULTILINE):
+        figures = json.loads(record)
+        assert figures["ioreq"]["served"]["notify"] == 0, figures
+        assert figures["ioreq"]["kernel"] > 0 and figures["interrupts"]["irqfd"], figures
+        assert figures["interrupts"]["raised"] > 0, figures
 
     # dom0 may map the guest's RAM; DomD may not, nor a grant the guest gave dom0.
+    assert r["flask.map_guests"] == "pyvirtio_domd_map_guests: 0", r
     assert r["dom0.foreign"] == "mapped" and r["dom0.grant"] == "mapped", r
     assert r["domd.probe.foreign"].startswith("denied"), r
     assert r["domd.probe.grant"].startswith("denied"), r

@@ -22,6 +22,9 @@ from tests.xen.test_disk import DOM0_CHECK_IMAGE, DOMU_FS, _assert_fs
 
 pytestmark = pytest.mark.xen
 
+#: The daemon's map statistics: guest-physical maps, grant maps (rings), grant copy calls.
+GRANT_STATS = r"map cache: (\d+) maps, .*; (\d+) grant maps \(rings\), (\d+) grant copy calls"
+
 
 @pytest.fixture(scope="session")
 def grant_kernel() -> GrantKernel:
@@ -123,8 +126,10 @@ exit $rc
         "the backend logged nothing about grants:\n" + "\n".join(backend_lines[-40:])
     )
     # Rings and buffers were all grants: the guest-physical map cache was never used.
-    stats = re.search(r"map cache: (\d+) maps, .*; (\d+) grant maps", result.console)
+    stats = re.search(GRANT_STATS, result.console)
     assert stats, "the daemon did not report its map cache"
-    assert stats.group(1) == "0", f"guest-physical mappings were made: {stats.group(0)}"
-    # Pattern writes, mkfs and fsck: over a thousand requests, each mapping its grants.
-    assert int(stats.group(2)) >= 100, f"too few grant maps for the workload: {stats.group(0)}"
+    maps, ring_maps, copies = map(int, stats.groups())
+    assert maps == 0, f"guest-physical mappings were made: {stats.group(0)}"
+    # The ring is mapped once; pattern writes, mkfs and fsck: over a thousand requests, each
+    # copying its buffers in or out.
+    assert 1 <= ring_maps <= 6 and copies >= 100, stats.group(0)

@@ -80,6 +80,12 @@ backend_log() { [ -f "$BACKEND_LOG" ] && sed 's/^/backend| /' "$BACKEND_LOG"; }
 # make_disk PATH MIB: a zero-filled (sparse) raw image in dom0's RAM.
 make_disk() { rm -f "$1"; truncate -s "${2}M" "$1"; }
 
+# pvdisk VDEV PATH [BACKEND]: an xl disk entry for Xen's PV block driver (blkback in the backend
+# domain's kernel, blkfront in the domU's), PATH a block device or an image (a loop device).
+pvdisk() {
+    echo "'format=raw, vdev=$1, access=rw, backendtype=phy, script=/etc/rigs/block-loop, ${3:+backend=$3, }target=$2'"
+}
+
 # vdisk VDEV PATH [rw|ro] [BACKEND]: one entry of an xl "disk = [...]" list (a virtio disk that
 # the standalone backend serves; in domain BACKEND, by name, instead of dom0 if given). xl
 # takes everything after "target=" as the path, so it comes last.
@@ -210,7 +216,8 @@ domd_image() {
 
 # domd_config NAME [XL LINES...]: /etc/xen/NAME.cfg for a driver domain (driver_domain = 1)
 # that boots $DOMD_KERNEL with domd_image and /etc/rigs/domd-init.sh; more xl lines (e.g.
-# seclabel = "...") are appended.
+# seclabel = "...") are appended. (xen_privcmd.unrestricted=1 is for a kernel with privcmd
+# built in, e.g. rigs.xen.domd_kernel's; domd-init.sh passes it to a module.)
 domd_config() {
     _name=$1
     shift
@@ -219,7 +226,7 @@ domd_config() {
 name = "$_name"
 kernel = "$DOMD_KERNEL"
 ramdisk = "/tmp/domd.cpio"
-extra = "console=hvc0 rdinit=/etc/rigs/domd-init.sh quiet"
+extra = "console=hvc0 rdinit=/etc/rigs/domd-init.sh quiet xen_privcmd.unrestricted=1"
 memory = $DOMD_MEMORY
 vcpus = 1
 driver_domain = 1

@@ -8,16 +8,26 @@ CLI's builds virtio-blk on the image, or the device a ``*.pyvirtio`` description
 virtio-mmio transport, claims the MMIO window in the guest's IOREQ server (one per guest,
 shared by its disks) and answers the xenbus handshake. Devices go away when the toolstack asks
 (state Closing, or the directory is removed) and everything of a guest goes when it dies.
+
+Notifications take the kernel's path where it has one (Linux >= 6.7's privcmd ioeventfd and
+irqfd, see ``privcmd.py``): the kernel completes QueueNotify IOREQs and signals the queue's
+kick eventfd, and raises the interrupt when the disk's interrupt eventfd is written. Otherwise
+(``ENOTTY``, or ``Options.notify = "ioreq"``) the IOREQ thread serves QueueNotify and
+``set_irq_level`` raises the interrupt. :meth:`XenBackendDaemon.log_stats` reports what each
+guest's notifications and mappings cost (``kill -USR1`` runs it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import json
 import logging
 import os
 import queue
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +37,7 @@ from pyvirtio.shims.xen.config import ConfigError, DiskConfig, parse_disk
 from pyvirtio.shims.xen.gntdev import Gntdev
 from pyvirtio.shims.xen.libs import DeviceModel, ForeignMemory, XenError, XenStore
 from pyvirtio.shims.xen.memory import ForeignGuestMemory
-from pyvirtio.shims.xen.privcmd import Privcmd
+from pyvirtio.shims.xen.privcmd import Privcmd, dm_op_set_irq_level
 from pyvirtio.shims.xen.server import GuestServer
 from pyvirtio.shims.xen.xenbus import XenbusState, parse_state
 from pyvirtio.spec.features import Feature, bit
@@ -41,11 +51,46 @@ WATCH_TOKEN = "pyvirtio-disks"
 RELEASE_TOKEN = "pyvirtio-release"
 
 
+#: Options.notify: the kernel's path where it has one, only it, or never.
+NOTIFY_PATHS = ("auto", "kernel", "ioreq")
+
+
 @dataclass
 class Options:
     backend_domid: int | None = None
     static_mapping: bool = False
     map_cache_pages: int = 32768
+    notify: str = "auto"
+
+
+class DiskInterrupt:
+    """Raises one disk's SPI: by writing an eventfd the kernel turns into XEN_DMOP_set_irq_level
+    (privcmd irqfd), or by the dm_op itself. libxl declares the SPI edge-rising, so each raise
+    is one interrupt and the line is never lowered (lowering would only cost a hypercall)."""
+
+    def __init__(self, dm: DeviceModel, domid: int, irq: int) -> None:
+        self.dm = dm
+        self.domid = domid
+        self.irq = irq
+        self.fd: int | None = None  # the irqfd's eventfd
+        self.raised = 0
+        self.ns = 0
+
+    def __call__(self, level: bool) -> None:
+        if not level:
+            return
+        started = time.perf_counter_ns()
+        fd = self.fd
+        if fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(fd, 1)
+        else:
+            try:
+                self.dm.set_irq_level(self.domid, self.irq, 1)
+            except XenError as exc:
+                log.debug("dom%d: set_irq_level(%d): %s", self.domid, self.irq, exc)
+        self.raised += 1
+        self.ns += time.perf_counter_ns() - started
 
 
 @dataclass
@@ -57,6 +102,8 @@ class Disk:
     device: VirtioDevice
     transport: MmioTransport
     runner: QueueRunner
+    interrupt: DiskInterrupt
+    kick_fds: list[int]
     state: XenbusState = XenbusState.INITIALISING
 
 
@@ -68,6 +115,43 @@ class Guest:
     server: GuestServer
     gntdev: Gntdev | None = None
     disks: dict[int, Disk] = field(default_factory=dict)
+    #: The counters of disks already gone (see :meth:`retire`).
+    gone: dict[str, int] = field(default_factory=dict)
+
+    def _disk_counters(self, disks: list[Disk]) -> dict[str, int]:
+        queues = [q for disk in disks for q in disk.device.stats]
+        return {
+            "raised": sum(d.interrupt.raised for d in disks),
+            "irq_ns": sum(d.interrupt.ns for d in disks),
+            "irqfd": sum(d.interrupt.fd is not None for d in disks),
+            "requests": sum(q.requests for q in queues),
+            "bytes": sum(q.bytes_read + q.bytes_written for q in queues),
+            "request_ns": sum(q.latency_sum_ns for q in queues),
+        }
+
+    def retire(self, disk: Disk) -> None:
+        """Keep the counters of ``disk``, which is going, in the guest's."""
+        for key, value in self._disk_counters([disk]).items():
+            self.gone[key] = self.gone.get(key, 0) + value
+
+    def stats(self) -> dict[str, object]:
+        """What the guest's notifications and mappings cost so far (counts, nanoseconds)."""
+        now = self._disk_counters(list(self.disks.values()))
+        c = {key: now[key] + self.gone.get(key, 0) for key in now}
+        gntdev = self.gntdev
+        return {
+            "domid": self.domid,
+            "ioreq": self.server.stats.snapshot(),
+            "interrupts": {"raised": c["raised"], "ns": c["irq_ns"], "irqfd": c["irqfd"] > 0},
+            "maps": {
+                "foreign": [self.privcmd.maps, self.privcmd.map_ns],
+                "grant": [gntdev.maps, gntdev.map_ns] if gntdev else [0, 0],
+                "grant_unmap": [gntdev.unmaps, gntdev.unmap_ns] if gntdev else [0, 0],
+            },
+            "requests": c["requests"],
+            "bytes": c["bytes"],
+            "request_ns": c["request_ns"],
+        }
 
     def invalidate(self) -> None:
         """IOREQ_TYPE_INVALIDATE: the guest's memory map changed. Every disk's queues stop
@@ -77,6 +161,12 @@ class Guest:
             for disk in list(self.disks.values()):
                 paused.enter_context(disk.device.queues_paused())
             self.memory.invalidate()
+
+
+def _log_stats(guest: Guest) -> None:
+    times = os.times()
+    record = {**guest.stats(), "cpu": {"user": times.user, "system": times.system}}
+    log.info("dom%d: stats %s", guest.domid, json.dumps(record, sort_keys=True))
 
 
 class _Window:
@@ -117,8 +207,21 @@ class XenBackendDaemon:
         self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        self._stats_wanted = False
 
     # -- main loop -----------------------------------------------------------------------------
+
+    def request_stats(self) -> None:
+        """Ask the main loop for :meth:`log_stats` (safe from a signal handler)."""
+        self._stats_wanted = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def log_stats(self) -> None:
+        """One line per guest: ``dom<N>: stats {json}`` (see :meth:`Guest.stats`), with this
+        process's CPU time."""
+        for guest in list(self.guests.values()):
+            _log_stats(guest)
 
     def post(self, key: tuple[int, int]) -> None:
         """From the IOREQ thread: a disk's status changed; the main loop looks at it."""
@@ -140,6 +243,9 @@ class XenBackendDaemon:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                     self._drain_events()
+                    if self._stats_wanted:
+                        self._stats_wanted = False
+                        self.log_stats()
                 else:
                     _, token = self.xs.read_watch()
                     if token == RELEASE_TOKEN:
@@ -286,20 +392,23 @@ class XenBackendDaemon:
             # Guests that restrict their backends to grants require ACCESS_PLATFORM; with it
             # negotiated, addresses are grant references or plain guest-physical ones.
             device.change_offer(add=bit(Feature.ACCESS_PLATFORM))
-            runner = QueueRunner(device, own_kick_eventfds=True)
+            runner = QueueRunner(device)
+            kick_fds = []
+            for index in range(len(device.queues)):
+                kick_fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                runner.set_kick_fd(index, kick_fds[-1])  # the runner owns it now
+            interrupt = DiskInterrupt(self.dm, config.frontend_id, config.irq)
             transport = MmioTransport(
-                device,
-                interrupt=functools.partial(self._irq, config.frontend_id, config.irq),
-                notify=runner.notify,
-                host=runner,
+                device, interrupt=interrupt, notify=runner.notify, host=runner
             )
-            disk = Disk(config, path, device, transport, runner)
+            disk = Disk(config, path, device, transport, runner, interrupt, kick_fds)
             guest.disks[config.devid] = disk
             guest.server.add_window(
                 config.base,
                 WINDOW_SIZE,
                 _Window(self, (config.frontend_id, config.devid), transport),
             )
+            how = self._kernel_paths(guest, disk)
         except BaseException:
             if config.devid in guest.disks:
                 self.remove_disk(config.frontend_id, config.devid, write_closed=False)
@@ -307,34 +416,63 @@ class XenBackendDaemon:
                 device.close()
             raise
         log.info(
-            "dom%d disk %d: serving %s at %#x irq %d",
+            "dom%d disk %d: serving %s at %#x irq %d; notifications %s",
             config.frontend_id,
             config.devid,
             what,
             config.base,
             config.irq,
+            how,
         )
         self._set_state(disk, XenbusState.INIT_WAIT)
 
-    def _irq(self, domid: int, irq: int, level: bool) -> None:
-        # libxl declares the SPI edge-rising: each rising edge is one interrupt; lowering the
-        # line would only cost a hypercall.
-        if level:
+    def _kernel_paths(self, guest: Guest, disk: Disk) -> str:
+        """Hand the disk's QueueNotify writes and its interrupt to the kernel (privcmd
+        ioeventfd and irqfd) if it can take them and the options allow; say which path the
+        notifications take. OSError if the options demand the kernel's and it has none."""
+        if self.options.notify == "ioreq":
+            return "through the IOREQ thread and set_irq_level (--notify ioreq)"
+        config = disk.config
+        try:
+            for index, fd in enumerate(disk.kick_fds):
+                guest.server.kernel_notify(guest.privcmd, config.base, index, fd)
+            irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             try:
-                self.dm.set_irq_level(domid, irq, 1)
-            except XenError as exc:
-                log.debug("dom%d: set_irq_level(%d): %s", domid, irq, exc)
+                guest.privcmd.irqfd(
+                    config.frontend_id, irqfd, dm_op_set_irq_level(config.irq, 1), assign=True
+                )
+            except OSError:
+                os.close(irqfd)
+                raise
+            disk.interrupt.fd = irqfd
+        except OSError as exc:
+            guest.server.remove_kernel_notifies(config.base)
+            if self.options.notify == "kernel":
+                raise
+            reason = errno.errorcode.get(exc.errno or 0, str(exc))
+            return f"through the IOREQ thread and set_irq_level (privcmd: {reason})"
+        return "through the kernel (privcmd ioeventfd and irqfd)"
 
     def remove_disk(self, domid: int, devid: int, *, write_closed: bool) -> None:
         guest = self.guests.get(domid)
         if guest is None or devid not in guest.disks:
             return
         disk = guest.disks.pop(devid)
-        guest.server.remove_window(disk.config.base, WINDOW_SIZE)
+        guest.server.remove_window(disk.config.base, WINDOW_SIZE)  # and the kernel's notifies
         disk.device.reset()
-        disk.runner.close()
+        disk.runner.close()  # closes the kick eventfds
+        guest.retire(disk)
         disk.device.set_memory(None)
         disk.device.close()
+        irqfd, disk.interrupt.fd = disk.interrupt.fd, None
+        if irqfd is not None:
+            try:
+                guest.privcmd.irqfd(
+                    domid, irqfd, dm_op_set_irq_level(disk.config.irq, 1), assign=False
+                )
+            except OSError as exc:
+                log.warning("dom%d disk %d: cannot remove the irqfd: %s", domid, devid, exc)
+            os.close(irqfd)
         if write_closed:
             self._set_state(disk, XenbusState.CLOSED)
         log.info("dom%d disk %d: stopped", domid, devid)
@@ -348,6 +486,7 @@ class XenBackendDaemon:
         for devid in list(guest.disks):
             self.remove_disk(domid, devid, write_closed=write_closed)
         self.guests.pop(domid, None)
+        _log_stats(guest)
         guest.server.close()
         guest.memory.close()
         guest.privcmd.close()

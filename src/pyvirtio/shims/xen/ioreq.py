@@ -16,6 +16,7 @@ from enum import IntEnum
 from typing import Protocol
 
 from pyvirtio.guest_log import GuestErrorLog
+from pyvirtio.spec.mmio import WINDOW_SIZE, Reg
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,25 @@ class Window:
     device: MmioDevice
 
 
+#: QueueNotify's queue index, as Linux's privcmd ioeventfd compares it.
+_NOTIFY_QUEUE_MASK = 0xFFFF
+#: What :func:`kind` calls an IOREQ, for statistics.
+KINDS = ("notify", "interrupt_status", "interrupt_ack", "other")
+
+
+def kind(req: Ioreq) -> str:
+    """Which virtio-mmio access ``req`` is (windows are WINDOW_SIZE-aligned)."""
+    if req.type == IoreqType.COPY:
+        offset = req.addr % WINDOW_SIZE
+        if offset == Reg.QUEUE_NOTIFY and not req.is_read:
+            return "notify"
+        if offset == Reg.INTERRUPT_STATUS and req.is_read:
+            return "interrupt_status"
+        if offset == Reg.INTERRUPT_ACK and not req.is_read:
+            return "interrupt_ack"
+    return "other"
+
+
 class IoreqDispatcher:
     """Routes IOREQs to the virtio-mmio windows of one guest."""
 
@@ -100,6 +120,8 @@ class IoreqDispatcher:
         self.windows: list[Window] = []
         self.on_invalidate = on_invalidate
         self._guest_errors = GuestErrorLog(log)
+        #: (QueueNotify address, queue) the kernel completes (privcmd ioeventfd).
+        self._kernel_notifies: set[tuple[int, int]] = set()
 
     def add(self, base: int, size: int, device: MmioDevice) -> None:
         for w in self.windows:
@@ -109,6 +131,30 @@ class IoreqDispatcher:
 
     def remove(self, base: int) -> None:
         self.windows = [w for w in self.windows if w.base != base]
+        self._kernel_notifies = {
+            (addr, q) for addr, q in self._kernel_notifies if addr != base + Reg.QUEUE_NOTIFY
+        }
+
+    def set_kernel_notify(self, base: int, queue: int, on: bool) -> None:
+        """The kernel does (``on``) or no longer does complete the QueueNotify writes of
+        ``queue`` to the window at ``base``."""
+        key = (base + Reg.QUEUE_NOTIFY, queue)
+        if on:
+            self._kernel_notifies.add(key)
+        else:
+            self._kernel_notifies.discard(key)
+
+    def for_kernel(self, req: Ioreq) -> bool:
+        """Whether the kernel completes ``req``: a 4-byte QueueNotify write for a queue it has
+        an ioeventfd for (the test of linux drivers/xen/privcmd.c ioeventfd_interrupt()). Such
+        an IOREQ must not be touched here, even while it still reads READY."""
+        return (
+            bool(self._kernel_notifies)
+            and req.type == IoreqType.COPY
+            and not req.is_read
+            and req.size == 4
+            and (req.addr, req.data & _NOTIFY_QUEUE_MASK) in self._kernel_notifies
+        )
 
     def handle(self, req: Ioreq) -> int | None:
         """Carry out ``req``; returns the data to answer a read with (None: leave data alone)."""

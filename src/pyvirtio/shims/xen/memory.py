@@ -21,15 +21,18 @@ include one are outside guest memory as far as devices are concerned.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from pyvirtio.guest_log import GuestErrorLog
 from pyvirtio.memory.guest import GuestMemory, GuestMemoryError, Transient
 from pyvirtio.shims.xen.gntdev import (
     GRANT_DMA_ADDR_OFF,
+    CopySegment,
     Gntdev,
     GrantMapping,
     split_grant_address,
@@ -37,6 +40,7 @@ from pyvirtio.shims.xen.gntdev import (
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, PAGE_SIZE, ForeignMapping, Privcmd
 
 log = logging.getLogger(__name__)
+_guest_errors = GuestErrorLog(log)
 
 BUCKET_SHIFT = 21  # 2 MiB
 BUCKET_SIZE = 1 << BUCKET_SHIFT
@@ -66,7 +70,8 @@ class ForeignGuestMemory(GuestMemory):
         self.privcmd = privcmd
         self.gntdev = gntdev
         self.grants_seen = False
-        self.grant_maps = 0
+        self.grant_maps = 0  # rings
+        self.grant_copies = 0  # calls that copied a request's buffers in
         self.domid = domid
         self.static = static
         self.max_buckets = max(4, max_pages // BUCKET_PAGES)
@@ -171,7 +176,8 @@ class ForeignGuestMemory(GuestMemory):
     def close(self) -> None:
         log.info(
             "dom%d: map cache: %d maps, %d evictions, at most %d pages mapped (bound %d); "
-            "%d page maps for requests that found it full; %d grant maps",
+            "%d page maps for requests that found it full; %d grant maps (rings), "
+            "%d grant copy calls (requests)",
             self.domid,
             self.maps,
             self.evictions,
@@ -179,6 +185,7 @@ class ForeignGuestMemory(GuestMemory):
             self.max_buckets * BUCKET_PAGES,
             self.page_maps,
             self.grant_maps,
+            self.gntdev.copies if self.gntdev else 0,
         )
         with self._lock:
             for mapping in self._buckets.values():
@@ -277,10 +284,16 @@ class ForeignGuestMemory(GuestMemory):
     def _grant_view(
         self, addr: int, length: int, writable: bool, hold: list[Transient] | None
     ) -> memoryview:
-        """Map the grants behind a grant DMA address (consecutive references, one per page).
+        """The buffer behind a grant DMA address (consecutive references, one per page).
 
-        With ``hold`` the mapping belongs to one request and is closed when it completes;
-        without (a ring), it is unmapped once the queue lets go of the view.
+        A ring (no ``hold``) is mapped, and unmapped once the queue lets go of the view. A
+        request's buffer is copied instead of mapped (one IOCTL_GNTDEV_GRANT_COPY, where a
+        mapping costs a map and an unmap call with their hypercalls and TLB flush, per
+        descriptor): one the device reads is copied in now; those it writes are copied out
+        together, one call for the whole request, when it completes (a :class:`_CopyBack` in
+        ``hold``). A grant the guest did not give, or gave read-only for a buffer the device
+        writes, fails the copy: in now, a GuestMemoryError; out, the request's data and status
+        never reach the guest (its own request), and the daemon logs it.
         """
         if self.gntdev is None:
             raise GuestMemoryError(addr, length, "is a grant address, and grants are not mapped")
@@ -288,25 +301,98 @@ class ForeignGuestMemory(GuestMemory):
         count = (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
         if length <= 0 or count > MAX_GRANT_PAGES or gref + count > 1 << 32:
             raise GuestMemoryError(addr, length, "is not a grant range pyvirtio maps")
+        if not self.grants_seen:
+            self.grants_seen = True
+            log.info("dom%d: the guest uses grants (first reference %d)", self.domid, gref)
+        if hold is not None:
+            return self._grant_copy(addr, length, writable, hold)
         try:
             mapping = self.gntdev.map(self.domid, gref, count, writable)
         except OSError as exc:
             raise GuestMemoryError(addr, length, f"grant {gref}: {exc.strerror}") from None
         self.grant_maps += 1
-        if not self.grants_seen:
-            self.grants_seen = True
-            log.info(
-                "dom%d: the guest uses grants; mapping grant references (first %d)",
-                self.domid,
-                gref,
-            )
         view = mapping.view[offset : offset + length]
-        if hold is not None:
-            hold.append(mapping)
-        else:
-            with self._lock:
-                self._retired.append(mapping)
+        with self._lock:
+            self._retired.append(mapping)
         return view if writable else view.toreadonly()
+
+    def _grant_copy(
+        self, addr: int, length: int, writable: bool, hold: list[Transient]
+    ) -> memoryview:
+        assert self.gntdev is not None
+        bounce = bytearray(length)
+        anchor = (ctypes.c_char * length).from_buffer(bounce)
+        segments = _segments(ctypes.addressof(anchor), addr, length)
+        del anchor
+        if writable:
+            back = next((t for t in hold if isinstance(t, _CopyBack)), None)
+            if back is None:
+                back = _CopyBack(self.gntdev, self.domid)
+                hold.append(back)
+            back.add(bounce, segments)
+            return memoryview(bounce)
+        try:
+            statuses = self.gntdev.copy(self.domid, segments, to_guest=False)
+        except OSError as exc:
+            raise GuestMemoryError(addr, length, f"grant copy: {exc.strerror}") from None
+        self.grant_copies += 1
+        failed = [(seg.ref, st) for seg, st in zip(segments, statuses, strict=True) if st]
+        if failed:
+            ref, status = failed[0]
+            raise GuestMemoryError(addr, length, f"grant {ref}: status {status}")
+        return memoryview(bounce).toreadonly()
+
+
+def _segments(address: int, addr: int, length: int) -> list[CopySegment]:
+    """The per-page copy segments of the grant range at grant DMA address ``addr``, against
+    ``length`` bytes at ``address`` here."""
+    gref, offset = split_grant_address(addr)
+    out = []
+    done = 0
+    while done < length:
+        n = min(PAGE_SIZE - offset, length - done)
+        out.append(CopySegment(address + done, gref, offset, n))
+        done += n
+        gref += 1
+        offset = 0
+    return out
+
+
+class _CopyBack:
+    """The device-writable grant buffers of one request: copied to the guest in one call when
+    the request completes (``close``, before its used element is written)."""
+
+    def __init__(self, gntdev: Gntdev, domid: int) -> None:
+        self.gntdev = gntdev
+        self.domid = domid
+        self.buffers: list[bytearray] = []
+        self.segments: list[CopySegment] = []
+
+    def add(self, bounce: bytearray, segments: list[CopySegment]) -> None:
+        self.buffers.append(bounce)  # keeps the addresses in ``segments`` valid
+        self.segments.extend(segments)
+
+    def close(self) -> bool:
+        segments, self.segments = self.segments, []
+        if segments:
+            try:
+                statuses = self.gntdev.copy(self.domid, segments, to_guest=True)
+            except OSError as exc:
+                _guest_errors.warning("dom%d: grant copy to the guest failed: %s", self.domid, exc)
+            else:
+                failed = [(s.ref, st) for s, st in zip(segments, statuses, strict=True) if st]
+                if failed:
+                    _guest_errors.warning(
+                        "dom%d: grant %d refused the device's data (status %d); %d of %d pages "
+                        "not written",
+                        self.domid,
+                        failed[0][0],
+                        failed[0][1],
+                        len(failed),
+                        len(segments),
+                    )
+        self.buffers = []
+        return True
 
 
 def _refusal(mapping: ForeignMapping, page: int) -> str:

@@ -8,6 +8,13 @@ request with the protocol of ioreq.h:
 
     READY --(device model reads it, after a read barrier)--> INPROCESS
           --(answer written, then a write barrier)--> IORESP_READY, and notify the vCPU's port.
+
+Where the kernel has privcmd ioeventfds (Linux >= 6.7), :meth:`GuestServer.kernel_notify`
+hands a queue's QueueNotify writes to it: the kernel's handler for the same event channels
+completes them and signals the queue's kick eventfd, so the vCPU does not wait for this
+thread. The thread still wakes for each event (Linux leaves the port masked until it is
+unmasked here) and must not touch those IOREQs; it may also find the kernel's handler in the
+middle of one it declines (INPROCESS for a moment, then READY again).
 """
 
 from __future__ import annotations
@@ -20,17 +27,21 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pyvirtio.memory.barrier import acquire_fence, release_fence
 from pyvirtio.shims.xen.ioreq import (
     DATA_OFFSET,
     IOREQ_SIZE,
+    KINDS,
     STATE_MASK,
     STATE_OFFSET,
     IoreqDispatcher,
     IoreqState,
     MmioDevice,
+    kind,
     parse,
 )
 from pyvirtio.shims.xen.libs import (
@@ -41,6 +52,7 @@ from pyvirtio.shims.xen.libs import (
     XenError,
     resource_ioreq_frame,
 )
+from pyvirtio.shims.xen.privcmd import Privcmd
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,23 @@ _RESP_READY = IoreqState.RESP_READY.value
 _DATA = struct.Struct("<Q")
 #: Slots of one ioreq page (4 KiB / 32 bytes); guests with more vCPUs are refused.
 MAX_VCPUS = 4096 // IOREQ_SIZE
+#: How long the kernel's ioeventfd handler may hold an IOREQ it declines (it does so under a
+#: spinlock, for a few instructions) before this thread complains.
+_KERNEL_GRACE_NS = 10_000_000
+
+
+@dataclass
+class IoreqStats:
+    """What the IOREQ thread did: per kind of access (:data:`KINDS`), how many it served and
+    the nanoseconds from its wake-up to the notification of the vCPU; ``kernel``: events whose
+    IOREQ the kernel had completed (or was completing) itself."""
+
+    served: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    kernel: int = 0
+
+    def snapshot(self) -> dict[str, object]:
+        return {"served": dict(self.served), "ns": dict(self.ns), "kernel": self.kernel}
 
 
 class GuestServer:
@@ -68,6 +97,8 @@ class GuestServer:
         self.fmem = fmem
         self.dispatcher = IoreqDispatcher(on_invalidate)
         self.requests = 0
+        self.stats = IoreqStats()
+        self._kernel_fds: dict[tuple[int, int], tuple[Privcmd, int]] = {}
         self._stopping = False
         self._resource: int | None = None
         self.evtchn: EventChannels | None = None
@@ -81,6 +112,7 @@ class GuestServer:
             self._resource, addr = fmem.map_resource(
                 domid, XENMEM_RESOURCE_IOREQ_SERVER, self.server_id, resource_ioreq_frame(0), 1
             )
+            self.page_address = addr
             self.page = memoryview((ctypes.c_ubyte * 4096).from_address(addr)).cast("B")
             dm.set_ioreq_server_state(domid, self.server_id, True)
             self.evtchn = EventChannels()
@@ -108,9 +140,36 @@ class GuestServer:
             raise
 
     def remove_window(self, base: int, size: int) -> None:
+        self.remove_kernel_notifies(base)
         self.dispatcher.remove(base)
         with contextlib.suppress(XenError):
             self.dm.unmap_mmio_range(self.domid, self.server_id, base, base + size - 1)
+
+    def kernel_notify(self, privcmd: Privcmd, base: int, queue: int, fd: int) -> None:
+        """Have the kernel complete the QueueNotify writes of ``queue`` to the window at
+        ``base`` and signal eventfd ``fd`` (which must stay open until :meth:`remove_window`).
+        OSError (ENOTTY: the kernel has no privcmd ioeventfd) leaves this thread serving
+        them."""
+        privcmd.ioeventfd(
+            self.domid, self.page_address, self._vcpu_port, base, fd, queue, assign=True
+        )
+        self._kernel_fds[(base, queue)] = (privcmd, fd)
+        self.dispatcher.set_kernel_notify(base, queue, True)
+
+    def remove_kernel_notifies(self, base: int) -> None:
+        """Serve the QueueNotify writes of the window at ``base`` here again."""
+        for window, queue in [k for k in self._kernel_fds if k[0] == base]:
+            self._kernel_stop(window, queue)
+
+    def _kernel_stop(self, base: int, queue: int) -> None:
+        privcmd, fd = self._kernel_fds.pop((base, queue))
+        self.dispatcher.set_kernel_notify(base, queue, False)
+        try:
+            privcmd.ioeventfd(
+                self.domid, self.page_address, self._vcpu_port, base, fd, queue, assign=False
+            )
+        except OSError as exc:
+            log.warning("dom%d: cannot remove the kernel's ioeventfd: %s", self.domid, exc)
 
     # -- the request loop ----------------------------------------------------------------------
 
@@ -137,14 +196,26 @@ class GuestServer:
             log.exception("dom%d: IOREQ thread failed", self.domid)
 
     def _serve(self, vcpu: int) -> None:
+        started = time.perf_counter_ns()
         page = self.page
         offset = vcpu * IOREQ_SIZE
         state_at = offset + STATE_OFFSET
         bits = page[state_at]
-        if bits & STATE_MASK != _READY:
+        state = bits & STATE_MASK
+        kernel = bool(self._kernel_fds)
+        if state != _READY and not (kernel and state == _INPROCESS):  # the kernel's: above
+            self.stats.kernel += kernel
             return
         acquire_fence()  # the request's fields after its state (ioreq.h protocol)
         req = parse(page[offset : offset + IOREQ_SIZE])
+        if self.dispatcher.for_kernel(req):
+            self.stats.kernel += 1
+            return
+        if state == _INPROCESS:
+            bits = self._await_kernel(state_at, started)
+            if bits & STATE_MASK != _READY:
+                return
+            acquire_fence()
         page[state_at] = (bits & ~STATE_MASK) | _INPROCESS
         try:
             answer = self.dispatcher.handle(req)
@@ -158,6 +229,20 @@ class GuestServer:
         self.requests += 1
         assert self.evtchn is not None
         self.evtchn.notify(self._vcpu_port[vcpu])
+        what = kind(req)
+        self.stats.served[what] += 1
+        self.stats.ns[what] += time.perf_counter_ns() - started
+
+    def _await_kernel(self, state_at: int, started: int) -> int:
+        """The state byte once the kernel's ioeventfd handler let go of an IOREQ it declined."""
+        page = self.page
+        warned = False
+        while (bits := page[state_at]) & STATE_MASK == _INPROCESS and not self._stopping:
+            if not warned and time.perf_counter_ns() - started > _KERNEL_GRACE_NS:
+                log.warning("dom%d: an IOREQ stays INPROCESS; waiting for the kernel", self.domid)
+                warned = True
+            os.sched_yield()
+        return bits
 
     # -- teardown ------------------------------------------------------------------------------
 
@@ -169,6 +254,8 @@ class GuestServer:
             self.thread.join(5)
             os.close(self._wake_r)
             os.close(self._wake_w)
+        for base, queue in list(self._kernel_fds):  # the kernel holds on to the ioreq page
+            self._kernel_stop(base, queue)
         if self.evtchn is not None:
             for port in self._ports:
                 with contextlib.suppress(XenError):
