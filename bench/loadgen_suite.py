@@ -53,9 +53,10 @@ def label(rw: str, bs: int, depth: int) -> str:
 
 
 def measure(
-    backend: RunningBackend, rw: str, bs: int, depth: int, runtime: float
+    backend: RunningBackend, rw: str, bs: int, depth: int, runtime: float, queues: int = 1
 ) -> dict[str, float]:
-    gen = LoadGenerator(str(backend.socket), Workload(rw=rw, bs=bs, iodepth=depth, runtime=runtime))
+    w = Workload(rw=rw, bs=bs, iodepth=depth, num_queues=queues, runtime=runtime)
+    gen = LoadGenerator(str(backend.socket), w)
     try:
         cpu0 = process_cpu_seconds(backend.pid)
         result = gen.run()

@@ -27,7 +27,7 @@ from pathlib import Path
 from rigs.backends import BackendFactory, BlkOptions, RunningBackend
 
 from bench.backends import PYVIRTIO, QSD, QUEUE_SIZE, data_image
-from pyvirtio.bench.loadgen import LoadGenerator, Workload, process_cpu_seconds
+from bench.loadgen_suite import label, measure
 
 #: The issue's target workloads: (rw, block size, iodepth per queue).
 WORKLOADS = [
@@ -83,35 +83,6 @@ MQ: dict[str, tuple[BackendFactory, BlkOptions]] = {
 
 def is_direct(name: str) -> bool:
     return "direct" in name
-
-
-def label(rw: str, bs: int, depth: int) -> str:
-    size = f"{bs >> 20}M" if bs >= 1 << 20 else f"{bs >> 10}K"
-    return f"{rw} {size} QD{depth}"
-
-
-def measure(
-    backend: RunningBackend, rw: str, bs: int, depth: int, runtime: float, queues: int = 1
-) -> dict[str, float]:
-    w = Workload(rw=rw, bs=bs, iodepth=depth, num_queues=queues, runtime=runtime)
-    gen = LoadGenerator(str(backend.socket), w)
-    try:
-        cpu0 = process_cpu_seconds(backend.pid)
-        result = gen.run()
-        cpu = process_cpu_seconds(backend.pid) - cpu0
-    finally:
-        gen.close()
-    if result.errors:
-        raise RuntimeError(f"{backend.name}: {result.errors} failed requests in {rw}")
-    requests = max(1, result.completed)
-    return {
-        "iops": result.iops,
-        "bw_bytes": result.bw_bytes,
-        "p99_us": result.percentile(99) / 1000,
-        "cpu_s": cpu,
-        "cpu_us_per_request": cpu / requests * 1e6,
-        "cpu_s_per_gib": cpu / (result.bytes / (1 << 30)) if result.bytes else 0.0,
-    }
 
 
 def start(
