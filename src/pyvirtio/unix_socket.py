@@ -1,6 +1,7 @@
 """The UNIX sockets the daemons listen on: created private (mode 0600), appearing only once
 they accept connections, replacing a stale socket of an earlier run and refusing a live one.
-Used for vhost-user, vsock's host side and the control socket."""
+Used for vhost-user, vsock's host side and the control socket; and the clients' connection to
+one (the vhost-user front-end, ``pyvirtio ctl``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ from collections.abc import Iterator
 
 class SocketError(Exception):
     """The socket path cannot be used."""
+
+
+def connected_socket(path: str, timeout: float) -> socket.socket:
+    """A stream socket connected to ``path``, with ``timeout`` on each of its operations."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise SocketError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    return sock
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
+from pyvirtio.unix_socket import SocketError, connected_socket
 from pyvirtio.vhost_user.channel import recv_message, send_message
 from pyvirtio.vhost_user.protocol import (
     F_PROTOCOL_FEATURES,
@@ -40,13 +41,10 @@ class VhostUserFrontend:
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise FrontendError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+            self.sock = connected_socket(path, timeout)
+        except SocketError as exc:
+            raise FrontendError(str(exc)) from None
         self.protocol_features = 0
         self.backend_channel: socket.socket | None = None
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
+
+from pyvirtio.unix_socket import SocketError, connected_socket
 
 
 class ControlClientError(Exception):
@@ -18,13 +19,10 @@ class ControlClientError(Exception):
 
 class ControlClient:
     def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise ControlClientError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+            self.sock = connected_socket(path, timeout)
+        except SocketError as exc:
+            raise ControlClientError(str(exc)) from None
         self._buffer = b""
 
     def call(self, execute: str, **arguments: Any) -> Any:
