@@ -21,7 +21,7 @@ from pathlib import Path
 from rigs.cache import build_lock
 from rigs.xen import xen_cache_dir
 from rigs.xen.apt import ForeignApt, backports_sources_text
-from rigs.xen.grant_kernel import GrantKernel, build_kernel
+from rigs.xen.grant_kernel import USERLAND_CONFIG, GrantKernel, build_kernel
 
 SOURCE_PACKAGE = "linux-source-6.12"
 BUILD_FORMAT = 1  # bump to rebuild
@@ -29,22 +29,8 @@ DOMD_IMAGE_NAME = "Image-domd"  # its name in dom0's /domu (XenTest.domu_kernels
 
 #: Set on top of allnoconfig; each must be ``=y`` in the result.
 CONFIG = (
-    # a busybox, glibc and Python userland
-    "PRINTK",
-    "TTY",
-    "MULTIUSER",
-    "FUTEX",
-    "POSIX_TIMERS",
-    "FILE_LOCKING",
-    "BINFMT_ELF",
-    "BINFMT_SCRIPT",
-    "PROC_FS",
-    "PROC_SYSCTL",
-    "SYSFS",
-    "TMPFS",
-    "DEVTMPFS",
-    "DEVTMPFS_MOUNT",
-    "BLK_DEV_INITRD",
+    *USERLAND_CONFIG,
+    # what Python and the daemon use beside it
     "EPOLL",
     "EVENTFD",
     "SIGNALFD",

@@ -42,9 +42,8 @@ BUILD_FORMAT = 1  # bump to rebuild
 JOBS = 2
 GRANT_IMAGE_NAME = "Image-grants"  # its name in dom0's /domu (XenTest.domu_kernels)
 
-#: Set on top of allnoconfig (``KCONFIG_ALLCONFIG``); each must be ``=y`` in the result.
-CONFIG = (
-    # the basics a busybox + glibc userland needs
+#: What a busybox + glibc userland from an initramfs needs, in every kernel the Xen rig builds.
+USERLAND_CONFIG = (
     "PRINTK",
     "TTY",
     "MULTIUSER",
@@ -60,6 +59,11 @@ CONFIG = (
     "DEVTMPFS",
     "DEVTMPFS_MOUNT",
     "BLK_DEV_INITRD",
+)
+
+#: Set on top of allnoconfig (``KCONFIG_ALLCONFIG``); each must be ``=y`` in the result.
+CONFIG = (
+    *USERLAND_CONFIG,
     "RD_GZIP",
     # an arm64 Xen guest with its console on hvc0
     "OF",
