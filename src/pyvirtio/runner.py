@@ -179,6 +179,7 @@ class QueueRunner:
             worker = _Worker(self._device, index, kick, self._unblock)
             self._workers[index] = worker
             worker.start()
+            log.info("queue %d: started", index)
 
     def running(self, index: int) -> bool:
         worker = self._workers[index]
