@@ -202,6 +202,20 @@ def test_notifies_the_kernel_completes_are_left_to_it() -> None:
     assert not d.for_kernel(notify)
 
 
+def test_the_kernel_looks_at_every_mmio_write_once_it_has_a_notify() -> None:
+    """privcmd's handler takes every MMIO write over for a moment, even one it declines; the
+    IOREQ thread waits it out for those, and only for those."""
+    d, _, _ = make_dispatcher()
+    base = 0x0200_0000
+    ack = req(base + Reg.INTERRUPT_ACK, read=False, data=1)
+    assert not d.kernel_looks_at(ack)  # no ioeventfd: no kernel handler on the ports
+    d.set_kernel_notify(base, 0, True)
+    assert d.kernel_looks_at(ack)
+    assert d.kernel_looks_at(req(base + Reg.QUEUE_NOTIFY, read=False, data=1))
+    assert not d.kernel_looks_at(req(base + Reg.INTERRUPT_STATUS))
+    assert not d.kernel_looks_at(req(base + Reg.INTERRUPT_ACK, read=False, kind=IoreqType.PIO))
+
+
 def test_ioreq_kinds() -> None:
     base = 0x0200_0200
     assert kind(req(base + Reg.QUEUE_NOTIFY, read=False)) == "notify"

@@ -129,6 +129,7 @@ exit $rc
     assert stats, "the daemon did not report its statistics"
     figures = json.loads(stats.group(1))
     assert figures["ioreq"]["served"]["notify"] > 0 and figures["ioreq"]["kernel"] == 0, figures
+    assert figures["ioreq"]["outwaits"] == 0, figures  # no kernel handler to wait out
     assert figures["interrupts"]["raised"] > 0 and not figures["interrupts"]["irqfd"], figures
 
 

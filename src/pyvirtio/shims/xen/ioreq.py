@@ -156,6 +156,12 @@ class IoreqDispatcher:
             and (req.addr, req.data & _NOTIFY_QUEUE_MASK) in self._kernel_notifies
         )
 
+    def kernel_looks_at(self, req: Ioreq) -> bool:
+        """Whether the kernel's ioeventfd handler, if it runs for ``req``'s event, takes it over
+        for a moment even to decline it: any MMIO write (it sets INPROCESS, compares, and puts
+        READY back). Reads it leaves alone."""
+        return bool(self._kernel_notifies) and req.type == IoreqType.COPY and not req.is_read
+
     def handle(self, req: Ioreq) -> int | None:
         """Carry out ``req``; returns the data to answer a read with (None: leave data alone)."""
         if req.type == IoreqType.INVALIDATE:

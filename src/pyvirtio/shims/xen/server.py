@@ -13,8 +13,17 @@ Where the kernel has privcmd ioeventfds (Linux >= 6.7), :meth:`GuestServer.kerne
 hands a queue's QueueNotify writes to it: the kernel's handler for the same event channels
 completes them and signals the queue's kick eventfd, so the vCPU does not wait for this
 thread. The thread still wakes for each event (Linux leaves the port masked until it is
-unmasked here) and must not touch those IOREQs; it may also find the kernel's handler in the
-middle of one it declines (INPROCESS for a moment, then READY again).
+unmasked here) and must not touch those IOREQs.
+
+The kernel's handler also looks at every other MMIO write, to decline it: it sets INPROCESS,
+compares, and stores READY again, with plain stores and no lock this thread could take. It runs
+in the same interrupt as the event channel device's handler that wakes this thread, after it,
+on whichever CPU took the interrupt. Were this thread to claim such a write while the handler
+still held it, the handler's late READY would overwrite the answer and the vCPU would wait
+forever. So before claiming a write the thread runs once on every other CPU (a CPU that runs
+a thread is not inside an interrupt handler, and the event that woke the thread was taken
+before it woke), and it unmasks a port only after serving its IOREQ, so that no new
+interrupt for that port begins meanwhile.
 """
 
 from __future__ import annotations
@@ -62,23 +71,27 @@ _RESP_READY = IoreqState.RESP_READY.value
 _DATA = struct.Struct("<Q")
 #: Slots of one ioreq page (4 KiB / 32 bytes); guests with more vCPUs are refused.
 MAX_VCPUS = 4096 // IOREQ_SIZE
-#: How long the kernel's ioeventfd handler may hold an IOREQ it declines (it does so under a
-#: spinlock, for a few instructions) before this thread complains.
-_KERNEL_GRACE_NS = 10_000_000
 
 
 @dataclass
 class IoreqStats:
     """What the IOREQ thread did: per kind of access (:data:`KINDS`), how many it served and
     the nanoseconds from its wake-up to the notification of the vCPU; ``kernel``: events whose
-    IOREQ the kernel had completed (or was completing) itself."""
+    IOREQ the kernel had completed (or was completing) itself; ``outwaits``: writes served
+    only after running on every other CPU (see the module's docstring)."""
 
     served: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     kernel: int = 0
+    outwaits: int = 0
 
     def snapshot(self) -> dict[str, object]:
-        return {"served": dict(self.served), "ns": dict(self.ns), "kernel": self.kernel}
+        return {
+            "served": dict(self.served),
+            "ns": dict(self.ns),
+            "kernel": self.kernel,
+            "outwaits": self.outwaits,
+        }
 
 
 class GuestServer:
@@ -124,6 +137,9 @@ class GuestServer:
         except BaseException:
             self.close()
             raise
+        self._cpus = sorted(os.sched_getaffinity(0))
+        self._cpu: int | None = None  # the one CPU the thread is pinned to, once it is
+        self._pin_failed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._run, name=f"ioreq-dom{domid}", daemon=True)
         self.thread.start()
@@ -185,10 +201,12 @@ class GuestServer:
                     if fd == self._wake_r:
                         return
                     port = evtchn.pending()
-                    evtchn.unmask(port)
                     vcpu = self._ports.get(port)
-                    if vcpu is not None:
-                        self._serve(vcpu)
+                    try:
+                        if vcpu is not None:
+                            self._serve(vcpu)
+                    finally:
+                        evtchn.unmask(port)
         except XenError as exc:
             if not self._stopping:
                 log.error("dom%d: event channel failed: %s", self.domid, exc)
@@ -211,11 +229,14 @@ class GuestServer:
         if self.dispatcher.for_kernel(req):
             self.stats.kernel += 1
             return
-        if state == _INPROCESS:
-            bits = self._await_kernel(state_at, started)
+        if state == _INPROCESS or self.dispatcher.kernel_looks_at(req):
+            self._outwait_kernel()
+            bits = page[state_at]
             if bits & STATE_MASK != _READY:
+                log.warning("dom%d: vCPU %d's IOREQ is in state %d", self.domid, vcpu, bits)
                 return
             acquire_fence()
+            self.stats.outwaits += 1
         page[state_at] = (bits & ~STATE_MASK) | _INPROCESS
         try:
             answer = self.dispatcher.handle(req)
@@ -233,16 +254,26 @@ class GuestServer:
         self.stats.served[what] += 1
         self.stats.ns[what] += time.perf_counter_ns() - started
 
-    def _await_kernel(self, state_at: int, started: int) -> int:
-        """The state byte once the kernel's ioeventfd handler let go of an IOREQ it declined."""
-        page = self.page
-        warned = False
-        while (bits := page[state_at]) & STATE_MASK == _INPROCESS and not self._stopping:
-            if not warned and time.perf_counter_ns() - started > _KERNEL_GRACE_NS:
-                log.warning("dom%d: an IOREQ stays INPROCESS; waiting for the kernel", self.domid)
-                warned = True
-            os.sched_yield()
-        return bits
+    def _outwait_kernel(self) -> None:
+        """Run on every CPU but the current one, and stay on the last: the kernel's handler
+        that ran for the event which woke this thread has then returned, wherever it ran."""
+        for cpu in self._cpus:
+            if cpu == self._cpu:
+                continue
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError as exc:
+                if not self._pin_failed:
+                    log.warning(
+                        "dom%d: cannot run on CPU %d (%s): a write may race the kernel's "
+                        "ioeventfd handler",
+                        self.domid,
+                        cpu,
+                        exc.strerror,
+                    )
+                    self._pin_failed = True
+                continue
+            self._cpu = cpu
 
     # -- teardown ------------------------------------------------------------------------------
 
