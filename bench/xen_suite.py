@@ -404,9 +404,10 @@ def breakdown(runs: dict[str, dict[str, list[dict[str, object]]]]) -> list[str]:
         "",
         "| variant | job | guest us/request | register read round trip | IOREQs/request "
         "(notify, status, ack; kernel) | us per IOREQ | interrupts/request, us each "
-        "| map calls/request, us each | device us/request | daemon user / system us/request "
+        "| map calls/request, us each | grant copy calls/request, us each | device us/request "
+        "| daemon user / system us/request "
         "| daemon user ms/MiB | driver domain CPU us/request |",
-        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | ---: | --- | ---: | ---: |",
+        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | --- | ---: | --- | ---: | ---: |",
     ]
     for v in VARIANTS:
         if v.daemon is None or v.name not in runs:
@@ -439,6 +440,9 @@ def breakdown(runs: dict[str, dict[str, list[dict[str, object]]]]) -> list[str]:
                 calls = sum(maps[k][0] for k in ("foreign", "grant", "grant_unmap"))
                 cells["maps"].append(calls / n)
                 cells["map_us"].append(_per(sum(maps[k][1] for k in maps), calls) / 1e3)
+                copies, copy_ns = d.get("grant_copy", [0, 0])
+                cells["copies"].append(copies / n)
+                cells["copy_us"].append(_per(copy_ns, copies) / 1e3)
                 cells["device"].append(_per(d["request_ns"], d["requests"]) / 1e3)
                 cells["user"].append(d["cpu"]["user"] * 1e6 / n)
                 cells["system"].append(d["cpu"]["system"] * 1e6 / n)
@@ -451,7 +455,8 @@ def breakdown(runs: dict[str, dict[str, list[dict[str, object]]]]) -> list[str]:
                 f"| {v.name} | {job} | {m['guest']:.0f} | {rtt_cell} "
                 f"| {m['notify']:.2f}, {m['interrupt_status']:.2f}, {m['interrupt_ack']:.2f}; "
                 f"{m['kernel']:.2f} | {m['ioreq_us']:.0f} | {m['irqs']:.2f}, {m['irq_us']:.0f} "
-                f"| {m['maps']:.2f}, {m['map_us']:.0f} | {m['device']:.0f} "
+                f"| {m['maps']:.2f}, {m['map_us']:.0f} | {m['copies']:.2f}, {m['copy_us']:.0f} "
+                f"| {m['device']:.0f} "
                 f"| {m['user']:.0f} / {m['system']:.0f} | {m['user_mib']:.1f} "
                 f"| {m.get('domd', float('nan')):.0f} |"
             )

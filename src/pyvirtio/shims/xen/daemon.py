@@ -148,6 +148,7 @@ class Guest:
                 "grant": [gntdev.maps, gntdev.map_ns] if gntdev else [0, 0],
                 "grant_unmap": [gntdev.unmaps, gntdev.unmap_ns] if gntdev else [0, 0],
             },
+            "grant_copy": [gntdev.copies, gntdev.copy_ns] if gntdev else [0, 0],
             "requests": c["requests"],
             "bytes": c["bytes"],
             "request_ns": c["request_ns"],
