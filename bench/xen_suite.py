@@ -203,7 +203,13 @@ wait_marker() {  # DOMU TEXT: until the domU's console has TEXT (180 s of dom0's
         usleep 50000
     done
 }
-bench_fail() {  # MESSAGE: the domU's and the driver domain's consoles (with the daemon's log)
+bench_fail() {  # MESSAGE: what each side holds now, the domU's and the driver domain's consoles
+    # The daemon's view (IOREQ slots, ring indices), Xen's (vCPUs, event channels: printed on
+    # its console), the driver domain kernel's interrupt counts.
+    domd_sh domd ". /etc/rigs/stats.sh; backend_stats stalled" 60
+    xl debug-keys q
+    xl debug-keys e
+    domd_sh domd "grep -i -E 'evtchn|ioeventfd|xen' /proc/interrupts" 30
     domu_console b
     domd_sh domd backend_log 30
     domu_console domd | tail -n 300

@@ -42,6 +42,10 @@ def test_query_describes_the_device_and_its_queues(blk: Blk) -> None:
     assert device["status"] & 4  # DRIVER_OK
     queue = device["queues"][0]
     assert queue["active"] and queue["requests"] == 1 and queue["in_flight"] == 0
+    # Both sides' ring indices: one chain made available, taken, used and signalled.
+    assert queue["avail_idx"] == queue["last_avail_idx"] == 1
+    assert queue["used_idx"] == queue["published_used_idx"] == queue["signalled_used_idx"] == 1
+    assert isinstance(queue["used_event"], int)
 
 
 def test_bad_commands_get_qmp_errors(blk: Blk) -> None:

@@ -21,6 +21,7 @@ from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.xen.config import DiskConfig
 from pyvirtio.shims.xen.daemon import Disk, DiskInterrupt, Guest
 from pyvirtio.shims.xen.gntdev import GRANT_DMA_ADDR_OFF, CopySegment, Gntdev
+from pyvirtio.memory.guest import GuestMemoryError
 from pyvirtio.shims.xen.memory import BUCKET_PAGES, ForeignGuestMemory
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, ForeignMapping, Privcmd
 from pyvirtio.shims.xen.server import GuestServer
@@ -58,11 +59,14 @@ class FakePrivcmd:
         self.pages = size >> PAGE_SHIFT
         self.live_pages = 0
         self.peak_pages = 0
+        #: Frames no longer the guest's RAM (given back, or replaced by a Xen page).
+        self.holes: set[int] = set()
 
     def map(self, domid: int, gfn: int, count: int) -> ForeignMapping:
         if self.first <= gfn and gfn + count <= self.first + self.pages:
             m = mmap.mmap(self.fd, count << PAGE_SHIFT, offset=(gfn - self.first) << PAGE_SHIFT)
-            return _Mapping(self, m, gfn, count, {})
+            holes = {i: errno.ENOENT for i in range(count) if gfn + i in self.holes}
+            return _Mapping(self, m, gfn, count, holes)
         # Not RAM of the guest: Xen refuses every frame (what is mapped is never touched).
         refused = dict.fromkeys(range(count), errno.EINVAL)
         return _Mapping(self, mmap.mmap(-1, count << PAGE_SHIFT), gfn, count, refused)
@@ -136,6 +140,29 @@ def test_invalidate_under_static_mapping_keeps_the_disk_working(xen_like) -> Non
     x.guest.invalidate()
     assert x.driver.read(256, len(data)) == data
     assert not x.device.status & DeviceStatus.NEEDS_RESET
+    # Still static: all of the RAM mapped again at each invalidation, none since.
+    assert x.memory.static and x.memory.maps == 3 * (RAM // (BUCKET_PAGES << PAGE_SHIFT))
+
+
+def test_static_mapping_covers_the_ram_past_a_hole(xen_like) -> None:  # type: ignore[no-untyped-def]
+    """A Linux guest replaces RAM pages while it boots (shared info, grant table frames) and
+    Xen says so with INVALIDATE: the static mapping is made again, past the hole, and only a
+    buffer in the hole fails."""
+    x = xen_like(static=True)
+    buckets = RAM // (BUCKET_PAGES << PAGE_SHIFT)
+    hole = x.privcmd.first + BUCKET_PAGES + 7  # a page in the second bucket
+    x.privcmd.holes.add(hole)
+    x.guest.invalidate()
+    assert x.memory.static and len(x.memory.direct_regions()) == buckets - 1
+    data = os.urandom(64 * 1024)
+    x.driver.write(0, data)  # the driver's buffers lie in the first bucket
+    assert x.driver.read(0, len(data)) == data
+    addr = hole << PAGE_SHIFT
+    assert x.memory.buffers(addr - 4096, 4096, writable=False)  # the page before: mapped
+    with pytest.raises(GuestMemoryError):
+        x.memory.buffers(addr, 16, writable=False)
+    last = (x.privcmd.first + x.privcmd.pages - 1) << PAGE_SHIFT
+    assert x.memory.buffers(last, 4096, writable=True)  # past the hole: mapped
 
 
 def test_invalidate_with_requests_in_flight_under_dynamic_mapping(xen_like) -> None:  # type: ignore[no-untyped-def]

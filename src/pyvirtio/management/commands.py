@@ -81,8 +81,7 @@ def describe(device: VirtioDevice) -> dict[str, object]:
                 "index": queue.index,
                 "size": queue.size,
                 "active": queue.active,
-                "last_avail_idx": queue.last_avail_idx,
-                "used_idx": queue.used_idx,
+                **queue.ring_indices(),
                 **stats.snapshot(),
             }
             for queue, stats in zip(device.queues, device.stats, strict=True)

@@ -254,6 +254,28 @@ class SplitQueue:
             )
         return idx
 
+    def ring_indices(self) -> dict[str, int | None]:
+        """The indices both sides last wrote, for the report on a stalled queue: the driver's
+        avail->idx and used_event, the device's used->idx as published and as last signalled,
+        and last_avail_idx. Only reads; the driver's are None while the rings are not mapped."""
+        avail, used16 = self._avail, self._used16
+        driver: list[int | None] = [None, None]
+        published = None
+        try:
+            if avail is not None and used16 is not None:
+                driver = [avail[1], avail[2 + self.size]]
+                published = used16[1]
+        except (ValueError, IndexError):  # unmapped meanwhile by the queue's worker
+            driver, published = [None, None], None
+        return {
+            "avail_idx": driver[0],
+            "used_event": driver[1],
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+            "published_used_idx": published,
+            "signalled_used_idx": self._signalled_used,
+        }
+
     def has_available(self) -> bool:
         if self._resubmit or self._shadow_avail_idx != self.last_avail_idx:
             return True

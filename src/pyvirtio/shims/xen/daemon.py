@@ -149,6 +149,12 @@ class Guest:
                 "grant_unmap": [gntdev.unmaps, gntdev.unmap_ns] if gntdev else [0, 0],
             },
             "grant_copy": [gntdev.copies, gntdev.copy_ns] if gntdev else [0, 0],
+            "slots": self.server.slots(),
+            "queues": [
+                {"disk": devid, **q.ring_indices(), "running": disk.runner.running(q.index)}
+                for devid, disk in self.disks.items()
+                for q in disk.device.queues
+            ],
             "requests": c["requests"],
             "bytes": c["bytes"],
             "request_ns": c["request_ns"],

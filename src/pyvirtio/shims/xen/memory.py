@@ -84,8 +84,9 @@ class ForeignGuestMemory(GuestMemory):
         self.peak_buckets = 0
         self.page_maps = 0  # page-exact mappings for requests that found the cache full
         self._warned_full = False
+        self._ram_windows = list(ram_windows or ARM_GUEST_RAM_WINDOWS)
         if static:
-            self._map_all(ram_windows or ARM_GUEST_RAM_WINDOWS)
+            self._map_all(self._ram_windows)
 
     # -- mapping -------------------------------------------------------------------------------
 
@@ -95,7 +96,9 @@ class ForeignGuestMemory(GuestMemory):
         return mapping
 
     def _map_all(self, windows: Iterable[tuple[int, int]]) -> None:
-        """Map every populated bucket of the RAM windows; stop at the first empty bucket."""
+        """Map every populated bucket of the RAM windows, up to the first empty bucket of each
+        (a bucket with holes, e.g. pages the guest gave back, is kept: its holes are refused
+        per page)."""
         total = 0
         for base, size in windows:
             for index in range(base >> BUCKET_SHIFT, (base + size) >> BUCKET_SHIFT):
@@ -105,8 +108,6 @@ class ForeignGuestMemory(GuestMemory):
                     break
                 self._buckets[index] = mapping
                 total += BUCKET_PAGES - len(mapping.bad)
-                if mapping.bad:
-                    break
         if not total:
             raise GuestMemoryError(0, 0, f"dom{self.domid} has no RAM that can be mapped")
         log.info(
@@ -160,18 +161,32 @@ class ForeignGuestMemory(GuestMemory):
         self._retired = [m for m in self._retired if not m.close()]
 
     def invalidate(self) -> None:
-        """IOREQ_TYPE_INVALIDATE: the guest's memory map changed; drop every cached mapping."""
+        """IOREQ_TYPE_INVALIDATE: the guest's memory map changed; drop every cached mapping.
+        A static mapping is made again, of the RAM as it is now (Linux guests change their
+        memory map while they boot: the shared info page and the grant table frames replace
+        RAM pages). The caller has paused the queues."""
         with self._lock:
-            if self.static:
-                log.warning("dom%d: memory map changed under a static mapping", self.domid)
             for mapping in self._buckets.values():
                 if not mapping.close():
                     self._retired.append(mapping)
             self._buckets.clear()
             self._sweep_retired()
-            static, self.static = self.static, False
-        if static:
-            log.warning("dom%d: falling back to dynamic mapping", self.domid)
+            if not self.static:
+                return
+            log.info("dom%d: memory map changed; mapping the guest's RAM again", self.domid)
+            try:
+                self._map_all(self._ram_windows)
+            except (GuestMemoryError, OSError) as exc:
+                for mapping in self._buckets.values():
+                    if not mapping.close():
+                        self._retired.append(mapping)
+                self._buckets.clear()
+                self.static = False
+                log.warning(
+                    "dom%d: cannot map the guest's RAM again (%s); dynamic mapping from now on",
+                    self.domid,
+                    exc,
+                )
 
     def close(self) -> None:
         log.info(

@@ -275,6 +275,21 @@ class GuestServer:
                 continue
             self._cpu = cpu
 
+    def slots(self) -> list[dict[str, object]]:
+        """What each vCPU's IOREQ slot holds now (for the report on a stalled guest)."""
+        out: list[dict[str, object]] = []
+        for vcpu in range(self.vcpus):
+            req = parse(self.page[vcpu * IOREQ_SIZE : (vcpu + 1) * IOREQ_SIZE])
+            out.append(
+                {
+                    "state": IoreqState(req.state).name if req.state <= 3 else req.state,
+                    "kind": kind(req),
+                    "addr": f"{req.addr:#x}",
+                    "read": req.is_read,
+                }
+            )
+        return out
+
     # -- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:
