@@ -17,11 +17,11 @@ import pytest
 from pyvirtio.devices.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.virtqueue import DriverQueue
+from pyvirtio.memory.guest import GuestMemoryError
 from pyvirtio.shims.inprocess import GUEST_RAM_BASE, InProcessMachine
 from pyvirtio.shims.xen.config import DiskConfig
 from pyvirtio.shims.xen.daemon import Disk, DiskInterrupt, Guest
 from pyvirtio.shims.xen.gntdev import GRANT_DMA_ADDR_OFF, CopySegment, Gntdev
-from pyvirtio.memory.guest import GuestMemoryError
 from pyvirtio.shims.xen.memory import BUCKET_PAGES, ForeignGuestMemory
 from pyvirtio.shims.xen.privcmd import PAGE_SHIFT, ForeignMapping, Privcmd
 from pyvirtio.shims.xen.server import GuestServer
