@@ -21,7 +21,6 @@ The result is cached under ``<cache>/peripheral-kernel/<source version>-<hash>/`
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -35,11 +34,11 @@ from rigs.cache import build_lock, cache_dir
 from rigs.host import find_tool, run
 from rigs.initramfs import ensure_initramfs
 from rigs.kernel import GUEST_MODULES, Kernel
+from rigs.kernel_build import allnoconfig, cache_key, unpack_source
 from rigs.x86_guest import X86Guest
 from rigs.xen.crossbuild import run_logged
 
 SOURCE_PACKAGE = "linux-source-6.1"
-TARBALL = f"./usr/src/{SOURCE_PACKAGE}.tar.xz"
 BUILD_FORMAT = 1  # bump to rebuild
 JOBS = 2
 RELEASE_SUFFIX = "pyvirtio-peripherals"
@@ -112,10 +111,7 @@ def compiler_version() -> str:
 
 def build_key(version: str) -> str:
     """The cache key of a build of source ``version`` with this module's settings."""
-    h = hashlib.sha256()
-    for part in (str(BUILD_FORMAT), version, "\n".join(CONFIG), compiler_version()):
-        h.update(part.encode() + b"\n")
-    return h.hexdigest()[:12]
+    return cache_key(BUILD_FORMAT, version, CONFIG, compiler_version())
 
 
 def source_version() -> str:
@@ -142,30 +138,6 @@ def _download(version: str, into: Path) -> Path:
     return deb
 
 
-def _unpack_source(deb: Path, dest: Path) -> Path:
-    """Stream the tarball out of the .deb and unpack it (no copy of it on disk)."""
-    deb_tar = subprocess.Popen(
-        [str(find_tool("dpkg-deb")), "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE
-    )
-    inner = subprocess.Popen(["tar", "-xO", TARBALL], stdin=deb_tar.stdout, stdout=subprocess.PIPE)
-    assert deb_tar.stdout is not None and inner.stdout is not None
-    deb_tar.stdout.close()
-    untar = subprocess.run(
-        ["tar", "-xJ", "-C", str(dest)],
-        stdin=inner.stdout,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    inner.stdout.close()
-    if deb_tar.wait() != 0 or inner.wait() != 0 or untar.returncode != 0:
-        raise RigError(f"cannot unpack {TARBALL} from {deb.name}: {untar.stderr.strip()[-500:]}")
-    tops = [p for p in dest.iterdir() if p.is_dir()]
-    if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
-        raise RigError(f"{deb.name}: the tarball does not unpack to one tree with a Makefile")
-    return tops[0]
-
-
 def _kernel(version: str, out: Path) -> PeripheralKernel:
     upstream = version.split("-")[0]
     release = f"{upstream}-{RELEASE_SUFFIX}"
@@ -188,20 +160,11 @@ def ensure_peripheral_kernel(into: Path | None = None) -> PeripheralKernel:
         with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
             work = Path(tmp)
             log = work / "build.log"
-            src = _unpack_source(deb, work)
-            fragment = work / "fragment.config"
-            fragment.write_text(
-                "".join(f"CONFIG_{opt}=y\n" for opt in CONFIG)
-                + f'CONFIG_LOCALVERSION="-{RELEASE_SUFFIX}"\n'
-            )
+            src = unpack_source(deb, work, SOURCE_PACKAGE)
             make = ["make", "ARCH=x86_64"]
-            run_logged(
-                [*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig"
+            config = allnoconfig(
+                src, make, CONFIG, log, [f'CONFIG_LOCALVERSION="-{RELEASE_SUFFIX}"']
             )
-            config = (src / ".config").read_text()
-            missing = [o for o in CONFIG if f"CONFIG_{o}=y" not in config.splitlines()]
-            if missing:
-                raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
             jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
             # LOCALVERSION_AUTO would append a "+" (the tree is no git checkout).
             run_logged(["nice", *make, jobs, "LOCALVERSION=", "bzImage"], src, log, "make bzImage")

@@ -19,24 +19,21 @@ needs no change: its /init skips ``insmod`` when the kernel has no module suppor
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rigs import RigError
 from rigs.cache import build_lock
 from rigs.host import find_tool
 from rigs.kernel import kconfig_value
+from rigs.kernel_build import allnoconfig, cache_key, unpack_source
 from rigs.xen import xen_cache_dir
 from rigs.xen.apt import ForeignApt
 from rigs.xen.crossbuild import CROSS_COMPILE, compiler_version, run_logged
 
 SOURCE_PACKAGE = "linux-source-6.1"
-TARBALL = f"./usr/src/{SOURCE_PACKAGE}.tar.xz"
 PATCH = Path(__file__).with_name("grant-dma-dom0.patch")
 BUILD_FORMAT = 1  # bump to rebuild
 JOBS = 2
@@ -104,38 +101,8 @@ def build_key(version: str) -> str:
 
 def config_key(build_format: int, version: str, config: tuple[str, ...], patch: Path | None) -> str:
     """The cache key of a kernel built from source ``version`` with ``config`` (and
-    ``patch``), by this module's recipe and the current cross-compiler."""
-    h = hashlib.sha256()
-    for part in (str(build_format), version, "\n".join(config), compiler_version()):
-        h.update(part.encode() + b"\n")
-    if patch is not None:
-        h.update(patch.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _unpack_source(deb: Path, dest: Path, tarball: str = TARBALL) -> Path:
-    """Stream the tarball out of the .deb and unpack it (no copy of it on disk)."""
-    deb_tar = subprocess.Popen(
-        [str(find_tool("dpkg-deb")), "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE
-    )
-    inner = subprocess.Popen(["tar", "-xO", tarball], stdin=deb_tar.stdout, stdout=subprocess.PIPE)
-    assert deb_tar.stdout is not None
-    deb_tar.stdout.close()
-    untar = subprocess.run(
-        ["tar", "-xJ", "-C", str(dest)],
-        stdin=inner.stdout,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert inner.stdout is not None
-    inner.stdout.close()
-    if deb_tar.wait() != 0 or inner.wait() != 0 or untar.returncode != 0:
-        raise RigError(f"cannot unpack {tarball} from {deb.name}: {untar.stderr.strip()[-500:]}")
-    tops = [p for p in dest.iterdir() if p.is_dir()]
-    if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
-        raise RigError(f"{deb.name}: the tarball does not unpack to one tree with a Makefile")
-    return tops[0]
+    ``patch``) by the current cross-compiler."""
+    return cache_key(build_format, version, config, compiler_version(), patch)
 
 
 def ensure_grant_kernel(apt: ForeignApt | None = None, into: Path | None = None) -> GrantKernel:
@@ -173,17 +140,11 @@ def build_kernel(
     with tempfile.TemporaryDirectory(dir=into, prefix=".build-") as tmp:
         work = Path(tmp)
         log = work / "build.log"
-        src = _unpack_source(deb, work, f"./usr/src/{source_package}.tar.xz")
+        src = unpack_source(deb, work, source_package)
         if patch is not None:
             run_logged(["patch", "-p1", "--forward", "-i", str(patch)], src, log, "patch")
-        fragment = work / "fragment.config"
-        fragment.write_text("".join(f"CONFIG_{opt}=y\n" for opt in config))
         make = ["make", "ARCH=arm64", f"CROSS_COMPILE={CROSS_COMPILE}"]
-        run_logged([*make, f"KCONFIG_ALLCONFIG={fragment}", "allnoconfig"], src, log, "allnoconfig")
-        text = (src / ".config").read_text()
-        missing = [o for o in config if f"CONFIG_{o}=y" not in text.splitlines()]
-        if missing:
-            raise RigError(f"allnoconfig left these unset (dependencies?): {missing}")
+        text = allnoconfig(src, make, config, log)
         jobs = f"-j{min(JOBS, os.cpu_count() or 1)}"
         run_logged(["nice", *make, jobs, "Image"], src, log, "make Image")
         stage = work / "out"
