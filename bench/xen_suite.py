@@ -4,7 +4,7 @@ against Xen's PV block driver (``xen-blkback`` in the same driver domain's kerne
 
 One boot: Xen with Flask (the rig's policy; the foreign mapping of guests allowed through its
 ``pyvirtio_domd_map_guests`` boolean, for the variants that need it), a driver domain
-(``rigs.xen.domd_kernel``: Linux 6.12 with privcmd ioeventfd and irqfd, PV block backend) that
+(``rigs.xen.domd_kernel``: Linux 6.12 with privcmd irqfd, PV block backend) that
 owns a 128 MiB image full of data, and one domU per variant and round, each running O_DIRECT
 ``dd`` (busybox: one request at a time) at 4K, 64K, 256K and 1M, reads and writes. Variants,
 interleaved (the order reverses every round):
@@ -13,7 +13,7 @@ interleaved (the order reverses every round):
   choices, Debian's domU kernel (guest-physical addresses: its kernel lacks XEN_VIRTIO);
 * ``pv-g``: PV block, the grant kernel (:mod:`rigs.xen.grant_kernel`); ``grants``: pyvirtio,
   the grant kernel (every buffer a grant); ``grants-ioreq``: the same with ``--notify ioreq``
-  (QueueNotify and the interrupt through the daemon instead of the kernel).
+  (the interrupt through the daemon's dm_op instead of the kernel's irqfd).
 
 Each pyvirtio variant is compared with PV block on the same guest kernel: medians of
 per-round ratios. The driver domain's CPU time (Xen's count for its vCPU: kernel, blkback and

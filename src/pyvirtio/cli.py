@@ -437,9 +437,10 @@ def _add_xen_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--notify",
         choices=["auto", "kernel", "ioreq"],
         default="auto",
-        help="QueueNotify and interrupts through the kernel (privcmd ioeventfd and irqfd, Linux "
-        ">= 6.7) where it can (auto, default), only through it (kernel), or through this "
-        "process (ioreq)",
+        help="auto (default): interrupts through the kernel's privcmd irqfd where it has one "
+        "(Linux >= 6.7), QueueNotify through this process; kernel: QueueNotify too through the "
+        "kernel (privcmd ioeventfd), or fail; its handler can crash the guest (see docs/xen.md); "
+        "ioreq: both through this process",
     )
     p.add_argument(
         "--num-queues",

@@ -9,12 +9,13 @@ virtio-mmio transport, claims the MMIO window in the guest's IOREQ server (one p
 shared by its disks) and answers the xenbus handshake. Devices go away when the toolstack asks
 (state Closing, or the directory is removed) and everything of a guest goes when it dies.
 
-Notifications take the kernel's path where it has one (Linux >= 6.7's privcmd ioeventfd and
-irqfd, see ``privcmd.py``): the kernel completes QueueNotify IOREQs and signals the queue's
-kick eventfd, and raises the interrupt when the disk's interrupt eventfd is written. Otherwise
-(``ENOTTY``, or ``Options.notify = "ioreq"``) the IOREQ thread serves QueueNotify and
-``set_irq_level`` raises the interrupt. :meth:`XenBackendDaemon.log_stats` reports what each
-guest's notifications and mappings cost (``kill -USR1`` runs it).
+Interrupts take the kernel's path where it has one (Linux >= 6.7's privcmd irqfd, see
+``privcmd.py``): the kernel raises the interrupt when the disk's interrupt eventfd is written;
+otherwise (``ENOTTY``, or ``Options.notify = "ioreq"``) ``set_irq_level`` does. QueueNotify
+IOREQs are the IOREQ thread's, unless ``Options.notify = "kernel"`` hands them to privcmd's
+ioeventfd, whose handler can crash the guest (``server.py``; docs/xen.md, "Notifications").
+:meth:`XenBackendDaemon.log_stats` reports what each guest's notifications and mappings cost
+(``kill -USR1`` runs it).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ WATCH_TOKEN = "pyvirtio-disks"
 RELEASE_TOKEN = "pyvirtio-release"
 
 
-#: Options.notify: the kernel's path where it has one, only it, or never.
+#: Options.notify: the kernel's irqfd where it has one; its irqfd and ioeventfd, or fail; neither.
 NOTIFY_PATHS = ("auto", "kernel", "ioreq")
 
 
@@ -199,6 +200,12 @@ DeviceFactory = Callable[[DiskConfig], tuple[VirtioDevice, str]]
 class XenBackendDaemon:
     def __init__(self, options: Options, new_device: DeviceFactory) -> None:
         self.options = options
+        if options.notify == "kernel":
+            log.warning(
+                "--notify kernel: privcmd's ioeventfd handler puts every other MMIO write it "
+                "looked at back to READY after INPROCESS, and Xen crashes a guest that sees an "
+                "IOREQ's state go backwards"
+            )
         self.new_device = new_device
         self.xs = XenStore()
         self.dm = DeviceModel()
@@ -434,15 +441,17 @@ class XenBackendDaemon:
         self._set_state(disk, XenbusState.INIT_WAIT)
 
     def _kernel_paths(self, guest: Guest, disk: Disk) -> str:
-        """Hand the disk's QueueNotify writes and its interrupt to the kernel (privcmd
-        ioeventfd and irqfd) if it can take them and the options allow; say which path the
-        notifications take. OSError if the options demand the kernel's and it has none."""
+        """Hand the disk's interrupt (and with ``--notify kernel`` its QueueNotify writes) to
+        the kernel, privcmd irqfd (and ioeventfd), if it can take them and the options allow;
+        say which path the notifications take. OSError if the options demand the kernel's
+        and it has none."""
         if self.options.notify == "ioreq":
             return "through the IOREQ thread and set_irq_level (--notify ioreq)"
         config = disk.config
         try:
-            for index, fd in enumerate(disk.kick_fds):
-                guest.server.kernel_notify(guest.privcmd, config.base, index, fd)
+            if self.options.notify == "kernel":
+                for index, fd in enumerate(disk.kick_fds):
+                    guest.server.kernel_notify(guest.privcmd, config.base, index, fd)
             irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             try:
                 guest.privcmd.irqfd(
@@ -458,7 +467,9 @@ class XenBackendDaemon:
                 raise
             reason = errno.errorcode.get(exc.errno or 0, str(exc))
             return f"through the IOREQ thread and set_irq_level (privcmd: {reason})"
-        return "through the kernel (privcmd ioeventfd and irqfd)"
+        if self.options.notify == "kernel":
+            return "through the kernel (privcmd ioeventfd and irqfd)"
+        return "through the IOREQ thread (QueueNotify) and the kernel (interrupts: privcmd irqfd)"
 
     def remove_disk(self, domid: int, devid: int, *, write_closed: bool) -> None:
         guest = self.guests.get(domid)

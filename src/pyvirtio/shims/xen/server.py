@@ -24,6 +24,11 @@ forever. So before claiming a write the thread runs once on every other CPU (a C
 a thread is not inside an interrupt handler, and the event that woke the thread was taken
 before it woke), and it unmasks a port only after serving its IOREQ, so that no new
 interrupt for that port begins meanwhile.
+
+That READY after INPROCESS is also a hazard no backend can remove: Xen (common/ioreq.c,
+wait_for_io) crashes the guest whose vCPU sees an IOREQ's state go backwards, which it does
+when it looks between the handler's two stores. So the daemon hands QueueNotify to the kernel
+only when asked to (``--notify kernel``).
 """
 
 from __future__ import annotations
