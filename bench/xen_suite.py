@@ -41,6 +41,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from rigs.qemu import parse_console
 from rigs.xen.build import ensure_rig
 from rigs.xen.domd_kernel import DOMD_IMAGE_NAME, ensure_domd_kernel
 from rigs.xen.grant_kernel import GRANT_IMAGE_NAME, ensure_grant_kernel
@@ -286,13 +287,17 @@ def _diff(after: dict[str, object], before: dict[str, object]) -> dict[str, obje
         old = before.get(key)
         if isinstance(value, dict) and isinstance(old, dict):
             out[key] = _diff(value, old)
-        elif isinstance(value, list) and isinstance(old, list):
+        elif isinstance(value, list) and isinstance(old, list) and _numbers(value + old):
             out[key] = [a - b for a, b in zip(value, old, strict=True)]
         elif isinstance(value, int | float) and isinstance(old, int | float):
             out[key] = value - old
         else:
             out[key] = value
     return out
+
+
+def _numbers(values: list[object]) -> bool:
+    return all(isinstance(v, int | float) for v in values)
 
 
 def collect(
@@ -479,6 +484,12 @@ def main() -> None:
         default=",".join(v.name for v in VARIANTS),
         help="comma-separated, of: %(default)s",
     )
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="CONSOLE",
+        help="report the results in a kept run's console log (--keep) again, measure nothing",
+    )
     args = ap.parse_args()
     names = args.variants.split(",")
     variants = [v for v in VARIANTS if v.name in names]
@@ -489,6 +500,10 @@ def main() -> None:
             f"unknown variants {sorted(unknown)} or their PV baselines missing {sorted(missing)}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_from:
+        _, results = parse_console(args.report_from.read_text(errors="replace"))
+        write_report(collect(results, args.rounds, variants), args)
+        return
     rig = ensure_rig()
     kernels = {
         GRANT_IMAGE_NAME: ensure_grant_kernel().image,
@@ -510,9 +525,17 @@ def main() -> None:
     if result.exit_code != 0:
         tail = "\n".join(result.console.splitlines()[-60:])
         sys.exit(f"the Xen bench failed (status {result.exit_code}):\n{tail}")
-    runs = collect(result.results, args.rounds, variants)
+    write_report(collect(result.results, args.rounds, variants), args)
+
+
+def write_report(
+    runs: dict[str, dict[str, list[dict[str, object]]]], args: argparse.Namespace
+) -> None:
+    """out/xen.{json,md} from the collected runs, and the table on stdout."""
+    variants = [v for v in VARIANTS if v.name in runs]
+    ended = args.report_from.stat().st_mtime if args.report_from else time.time()
     meta: dict[str, object] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ended)),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "rounds": args.rounds,
         "variants": [v.name for v in variants],

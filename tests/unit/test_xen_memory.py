@@ -294,6 +294,28 @@ def test_grant_buffers_are_copied_and_written_back_before_the_used_index_moves(
     assert gntdev.copies == 2  # the readable buffer in, both writable ones out
 
 
+def test_a_requests_readable_grant_buffers_are_copied_in_one_call(
+    grant_machine: tuple[InProcessMachine, FakeGntdev, DriverQueue],
+) -> None:
+    """Three device-readable buffers, listed in the descriptor table and then in an indirect
+    table (which this driver puts at a guest-physical address): one copy in for them all,
+    one out."""
+    machine, gntdev, q = grant_machine
+    parts = [os.urandom(n) for n in (16, 4096, 700)]
+    srcs = [machine.allocator.alloc(4096, 4096) for _ in parts]
+    for src, part in zip(srcs, parts, strict=True):
+        machine.memory.write(src, part)
+    dst = machine.allocator.alloc(8192, 4096)
+    for indirect in (False, True):
+        gntdev.copies = 0
+        readable = [(_grant(src), len(p)) for src, p in zip(srcs, parts, strict=True)]
+        q.add(readable, [(_grant(dst), 4812)], "r", indirect=indirect)
+        machine.driver().notify(0)
+        assert q.get_used() == [("r", 4812)]
+        assert machine.memory.read(dst, 4812) == b"".join(parts)
+        assert gntdev.copies == 2, indirect
+
+
 def test_a_grant_the_guest_did_not_give_fails_the_request(
     grant_machine: tuple[InProcessMachine, FakeGntdev, DriverQueue],
 ) -> None:

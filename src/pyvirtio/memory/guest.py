@@ -185,6 +185,11 @@ class GuestMemory:
             left -= n
         return out
 
+    def settle(self, hold: list[Transient]) -> None:
+        """Complete what the buffers given out for one request (with ``hold``) still wait for,
+        before the device reads them: a memory that copies a request's readable buffers in
+        copies them all here, at once. GuestMemoryError if that fails. Nothing to do here."""
+
     def ring(self, addr: int, length: int) -> memoryview:
         """A writable view of a virtqueue area, which must lie inside one region."""
         region = self._region(addr)

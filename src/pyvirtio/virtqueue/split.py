@@ -385,6 +385,11 @@ class SplitQueue:
             if nxt >= size:
                 raise VirtqueueError(f"queue {self.index}: next index {nxt} out of range {size}")
             i = nxt
+        if chain.fault is None:
+            try:
+                memory.settle(chain.held)
+            except GuestMemoryError as exc:
+                chain.fault = str(exc)
         chain.read_len = read_len
         chain.write_len = write_len
         return chain
@@ -413,6 +418,7 @@ class SplitQueue:
         assert self._memory is not None
         try:
             views = self._memory.buffers(addr, length, False, chain.held)
+            self._memory.settle(chain.held)  # the walk reads the table now
         except GuestMemoryError as exc:
             raise VirtqueueError(f"queue {self.index}: indirect table: {exc}") from None
         # Each entry is read once (unpack_from copies it), so a racing guest cannot make the

@@ -302,13 +302,15 @@ class ForeignGuestMemory(GuestMemory):
         """The buffer behind a grant DMA address (consecutive references, one per page).
 
         A ring (no ``hold``) is mapped, and unmapped once the queue lets go of the view. A
-        request's buffer is copied instead of mapped (one IOCTL_GNTDEV_GRANT_COPY, where a
+        request's buffers are copied instead of mapped (IOCTL_GNTDEV_GRANT_COPY, where a
         mapping costs a map and an unmap call with their hypercalls and TLB flush, per
-        descriptor): one the device reads is copied in now; those it writes are copied out
-        together, one call for the whole request, when it completes (a :class:`_CopyBack` in
-        ``hold``). A grant the guest did not give, or gave read-only for a buffer the device
-        writes, fails the copy: in now, a GuestMemoryError; out, the request's data and status
-        never reach the guest (its own request), and the daemon logs it.
+        descriptor), one call for all those of a request in each direction: those the device
+        reads are copied in by :meth:`settle`, once the chain's walk has given them all out (a
+        :class:`_CopyIn` in ``hold``); those it writes are copied out when it completes (a
+        :class:`_CopyBack`). A grant the guest did not give, or gave read-only for a buffer
+        the device writes, fails the copy: in, a GuestMemoryError from :meth:`settle`; out,
+        the request's data and status never reach the guest (its own request), and the
+        daemon logs it.
         """
         if self.gntdev is None:
             raise GuestMemoryError(addr, length, "is a grant address, and grants are not mapped")
@@ -339,23 +341,26 @@ class ForeignGuestMemory(GuestMemory):
         anchor = (ctypes.c_char * length).from_buffer(bounce)
         segments = _segments(ctypes.addressof(anchor), addr, length)
         del anchor
-        if writable:
-            back = next((t for t in hold if isinstance(t, _CopyBack)), None)
-            if back is None:
-                back = _CopyBack(self.gntdev, self.domid)
-                hold.append(back)
-            back.add(bounce, segments)
-            return memoryview(bounce)
-        try:
-            statuses = self.gntdev.copy(self.domid, segments, to_guest=False)
-        except OSError as exc:
-            raise GuestMemoryError(addr, length, f"grant copy: {exc.strerror}") from None
-        self.grant_copies += 1
-        failed = [(seg.ref, st) for seg, st in zip(segments, statuses, strict=True) if st]
-        if failed:
-            ref, status = failed[0]
-            raise GuestMemoryError(addr, length, f"grant {ref}: status {status}")
-        return memoryview(bounce).toreadonly()
+        kind = _CopyBack if writable else _CopyIn
+        copies = next((t for t in hold if type(t) is kind), None)
+        if copies is None:
+            copies = kind(self.gntdev, self.domid)
+            hold.append(copies)
+        copies.add(bounce, segments)
+        return memoryview(bounce) if writable else memoryview(bounce).toreadonly()
+
+    def settle(self, hold: list[Transient]) -> None:
+        """Copy in, in one call, the grant buffers of the request that the device reads."""
+        for copies in hold:
+            if type(copies) is _CopyIn and copies.segments:
+                self.grant_copies += 1
+                try:
+                    copies.copy_in()
+                except GuestMemoryError:
+                    for out in hold:  # the request fails: none of its buffers is written
+                        if isinstance(out, _CopyBack):
+                            out.discard()
+                    raise
 
 
 def _segments(address: int, addr: int, length: int) -> list[CopySegment]:
@@ -373,9 +378,8 @@ def _segments(address: int, addr: int, length: int) -> list[CopySegment]:
     return out
 
 
-class _CopyBack:
-    """The device-writable grant buffers of one request: copied to the guest in one call when
-    the request completes (``close``, before its used element is written)."""
+class _GrantCopies:
+    """Bounce buffers of one request and the grant segments they stand for."""
 
     def __init__(self, gntdev: Gntdev, domid: int) -> None:
         self.gntdev = gntdev
@@ -386,6 +390,43 @@ class _CopyBack:
     def add(self, bounce: bytearray, segments: list[CopySegment]) -> None:
         self.buffers.append(bounce)  # keeps the addresses in ``segments`` valid
         self.segments.extend(segments)
+
+    def discard(self) -> None:
+        self.buffers = []
+        self.segments = []
+
+    def close(self) -> bool:
+        self.discard()
+        return True
+
+
+class _CopyIn(_GrantCopies):
+    """The device-readable grant buffers of one request: copied from the guest in one call
+    once the request's chain is walked (:meth:`ForeignGuestMemory.settle`)."""
+
+    def copy_in(self) -> None:
+        segments, self.segments = self.segments, []
+        try:
+            statuses = self.gntdev.copy(self.domid, segments, to_guest=False)
+        except OSError as exc:
+            first = segments[0]
+            raise GuestMemoryError(
+                _grant_address(first), first.length, f"grant copy: {exc.strerror}"
+            ) from None
+        for seg, status in zip(segments, statuses, strict=True):
+            if status:
+                raise GuestMemoryError(
+                    _grant_address(seg), seg.length, f"grant {seg.ref}: status {status}"
+                )
+
+
+def _grant_address(seg: CopySegment) -> int:
+    return GRANT_DMA_ADDR_OFF | seg.ref << PAGE_SHIFT | seg.offset
+
+
+class _CopyBack(_GrantCopies):
+    """The device-writable grant buffers of one request: copied to the guest in one call when
+    the request completes (``close``, before its used element is written)."""
 
     def close(self) -> bool:
         segments, self.segments = self.segments, []
