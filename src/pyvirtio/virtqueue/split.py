@@ -14,6 +14,7 @@ device completes it with an error of its own kind.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from pyvirtio.memory.barrier import acquire_fence, full_fence, release_fence
@@ -29,6 +30,7 @@ _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 _U32_MAX = 0xFFFFFFFF
+_EMPTY = memoryview(b"")
 
 
 class VirtqueueError(Exception):
@@ -132,6 +134,7 @@ class SplitQueue:
         self._shadow_avail_idx = 0
         self._memory: GuestMemory | None = None
         self._flat: list[tuple[int, int, memoryview]] = []
+        self._flat_starts: list[int] = []  # the regions' first addresses, for bisection
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None  # le16 view: flags, idx, ring[size], used_event
         self._used16: memoryview | None = None  # le16 view: flags, idx, ..., avail_event
@@ -208,7 +211,8 @@ class SplitQueue:
         self._used16 = used.cast("H")
         self._used32 = used[: 4 + ring.USED_ELEM_SIZE * size].cast("I")
         self._memory = memory
-        self._flat = memory.direct_regions()
+        self._flat = sorted(memory.direct_regions(), key=lambda region: region[0])
+        self._flat_starts = [start for start, _, _ in self._flat]
         self._dirty_log = dirty_log
         self.event_idx = event_idx
         self.indirect = indirect
@@ -237,6 +241,7 @@ class SplitQueue:
         self._avail = self._used16 = self._used32 = self._desc = None
         self._memory = None
         self._flat = []
+        self._flat_starts = []
         self._dirty_log = None
 
     # -- available ring ------------------------------------------------------------------------
@@ -318,6 +323,7 @@ class SplitQueue:
         memory = self._memory
         assert table is not None and memory is not None
         flat = self._flat
+        starts = self._flat_starts
         chain = DescriptorChain(head)
         descriptors = chain.descriptors
         readable = chain.readable
@@ -356,15 +362,16 @@ class SplitQueue:
             if read_len + write_len > _U32_MAX:
                 raise VirtqueueError(f"queue {self.index}: chain from head {head} exceeds 4 GiB")
             if length:
-                # Fast path: the buffer lies in a directly mapped region (the usual case).
-                for start, end, view in flat:
-                    if start <= addr and addr + length <= end:
-                        buf = view[addr - start : addr - start + length]
-                        if flags & _WRITE:
-                            writable.append(buf)
-                        else:
-                            readable.append(buf.toreadonly())
-                        break
+                # Fast path: the buffer lies in a directly mapped region (the usual case; a
+                # Xen guest's RAM mapped statically is a hundred regions or more).
+                j = bisect_right(starts, addr) - 1
+                start, end, view = flat[j] if j >= 0 else (0, 0, _EMPTY)
+                if addr + length <= end:
+                    buf = view[addr - start : addr - start + length]
+                    if flags & _WRITE:
+                        writable.append(buf)
+                    else:
+                        readable.append(buf.toreadonly())
                 else:
                     mapped += length
                     if chain.fault is not None:
