@@ -162,31 +162,21 @@ class ForeignGuestMemory(GuestMemory):
 
     def invalidate(self) -> None:
         """IOREQ_TYPE_INVALIDATE: the guest's memory map changed; drop every cached mapping.
-        A static mapping is made again, of the RAM as it is now (Linux guests change their
-        memory map while they boot: the shared info page and the grant table frames replace
-        RAM pages). The caller has paused the queues."""
+        A static mapping is not made again: the daemon falls back to dynamic mapping. (A
+        version that mapped all the RAM again while the guest waited for the INVALIDATE was
+        followed by a lockup of the rig's one-vCPU dom0 in tests/xen/test_mapping.py; it is not
+        used until that is understood.)"""
         with self._lock:
+            if self.static:
+                log.warning("dom%d: memory map changed under a static mapping", self.domid)
             for mapping in self._buckets.values():
                 if not mapping.close():
                     self._retired.append(mapping)
             self._buckets.clear()
             self._sweep_retired()
-            if not self.static:
-                return
-            log.info("dom%d: memory map changed; mapping the guest's RAM again", self.domid)
-            try:
-                self._map_all(self._ram_windows)
-            except (GuestMemoryError, OSError) as exc:
-                for mapping in self._buckets.values():
-                    if not mapping.close():
-                        self._retired.append(mapping)
-                self._buckets.clear()
-                self.static = False
-                log.warning(
-                    "dom%d: cannot map the guest's RAM again (%s); dynamic mapping from now on",
-                    self.domid,
-                    exc,
-                )
+            static, self.static = self.static, False
+        if static:
+            log.warning("dom%d: falling back to dynamic mapping", self.domid)
 
     def close(self) -> None:
         log.info(
