@@ -49,8 +49,9 @@ BENCH_ROUNDS ?= 3
 BENCH_RUNTIME ?= 3
 BENCH_GUEST_ROUNDS ?= 2
 BENCH_XEN_ROUNDS ?= 3
-# static is left out until its stall in the driver domain is explained (docs/performance.md, 6.)
-BENCH_XEN_VARIANTS ?= pv,dynamic,static,pv-g,grants,grants-ioreq
+# static is left out: a Linux guest's boot-time INVALIDATE turns it into dynamic mapping
+# (docs/xen.md, "Guest memory"; docs/performance.md, section 7)
+BENCH_XEN_VARIANTS ?= pv,dynamic,pv-g,grants,grants-ioreq
 bench: deps venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.loadgen_suite --rounds $(BENCH_ROUNDS) --runtime $(BENCH_RUNTIME) --out out/bench
