@@ -5,6 +5,7 @@ fills and checks an ext4 file system. The host then checks the file system too."
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,13 @@ def test_unprivileged_daemon_under_its_syscall_filter(pyvirtio_e2e: Harness) -> 
     os.chown(image, NOBODY, NOBODY)
     disk = e2e.serve(image, BlkOptions(seccomp=True, run_as=NOBODY))
     backend = e2e.backends[0]
-    # setpriv execs the daemon: the pid is the daemon's once its socket is there
+    # The daemon loads its filter once everything is open, after its socket is there, and
+    # then says it is serving.
+    deadline = time.monotonic() + 30
+    while "serving " not in backend.log_text():
+        assert time.monotonic() < deadline, f"the daemon never served:\n{backend.log_text()}"
+        time.sleep(0.05)
+    # setpriv execs the daemon: the pid is the daemon's
     status = _status(backend.pid)
     assert status["Uid"].split()[0] == str(NOBODY) and status["CapEff"] == "0000000000000000"
     threads = list(Path(f"/proc/{backend.pid}/task").iterdir())
