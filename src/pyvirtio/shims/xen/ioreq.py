@@ -149,9 +149,7 @@ class IoreqDispatcher:
         an ioeventfd for (the test of linux drivers/xen/privcmd.c ioeventfd_interrupt()). Such
         an IOREQ must not be touched here, even while it still reads READY."""
         return (
-            bool(self._kernel_notifies)
-            and req.type == IoreqType.COPY
-            and not req.is_read
+            self.kernel_looks_at(req)
             and req.size == 4
             and (req.addr, req.data & _NOTIFY_QUEUE_MASK) in self._kernel_notifies
         )

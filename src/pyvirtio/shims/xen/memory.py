@@ -84,9 +84,8 @@ class ForeignGuestMemory(GuestMemory):
         self.peak_buckets = 0
         self.page_maps = 0  # page-exact mappings for requests that found the cache full
         self._warned_full = False
-        self._ram_windows = list(ram_windows or ARM_GUEST_RAM_WINDOWS)
         if static:
-            self._map_all(self._ram_windows)
+            self._map_all(ram_windows or ARM_GUEST_RAM_WINDOWS)
 
     # -- mapping -------------------------------------------------------------------------------
 
