@@ -12,7 +12,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,19 @@ from rigs import RigError
 from rigs.backends import BACKENDS, BackendFactory, BlkOptions, RunningBackend
 from rigs.qemu import Disk, GuestError, GuestResult, QemuGuest, VhostUserBlk
 from rigs.x86_guest import X86Guest, ensure_guest
+
+
+def wait_until(
+    what: str, check: Callable[[], bool], timeout: float, show: Callable[[], str] = str
+) -> None:
+    """Poll ``check`` until it holds; fail the test with ``what`` and ``show()`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s\n{show()}", pytrace=False)
+        time.sleep(0.05)
+
 
 BACKENDS_ENV = "PYVIRTIO_E2E_BACKENDS"
 GUEST_TIMEOUT = float(os.environ.get("PYVIRTIO_E2E_TIMEOUT", "180"))

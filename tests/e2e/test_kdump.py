@@ -21,8 +21,7 @@ that the reset came while it was serving requests.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from rigs.initramfs import ensure_initramfs, make_initramfs_with
 from rigs.kexec import ensure_kexec_tools
 from rigs.x86_guest import X86Guest
 
-from tests.e2e.conftest import Harness, harness_for
+from tests.e2e.conftest import Harness, harness_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -121,16 +120,6 @@ def stalled_e2e(rig: X86Guest, tmp_path: Path) -> Iterator[Harness]:
         yield harness
 
 
-def _wait(
-    what: str, check: Callable[[], bool], timeout: float, show: Callable[[], str] = str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s\n{show()}", pytrace=False)
-        time.sleep(0.05)
-
-
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -164,11 +153,11 @@ def test_kdump_resets_disk_with_requests_in_flight(stalled_e2e: Harness) -> None
     e2e.wait_for_console(guest, "@@IO-RUNNING", timeout=120)
     try:
         flag.touch()  # the disk stalls: the back-end's next storage call waits
-        _wait("a storage call of the back-end held", held.exists, 30)
+        wait_until("a storage call of the back-end held", held.exists, 30)
         e2e.wait_for_console(guest, "@@CRASHING", timeout=60)
         # The kdump kernel boots; its virtio_mmio probe resets the device (QEMU: GET_VRING_BASE)
         # while the back-end's worker waits in the middle of an old request.
-        _wait(
+        wait_until(
             f"{STOPPED_LINE!r} in the back-end's log after the crash",
             lambda: STOPPED_LINE in backend.log_text() or not guest.running(),
             120,

@@ -5,7 +5,6 @@ fills and checks an ext4 file system. The host then checks the file system too."
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from rigs.backends import BACKENDS, BlkOptions
 from rigs.x86_guest import X86Guest
 
-from tests.e2e.conftest import Harness, harness_for
+from tests.e2e.conftest import Harness, harness_for, wait_until
 from tests.e2e.test_vhost_user_blk import EXT4_SCRIPT, FIO_JOBS, host_tool, sha256
 
 pytestmark = pytest.mark.e2e
@@ -59,10 +58,7 @@ def test_unprivileged_daemon_under_its_syscall_filter(pyvirtio_e2e: Harness) -> 
     backend = e2e.backends[0]
     # The daemon loads its filter once everything is open, after its socket is there, and
     # then says it is serving.
-    deadline = time.monotonic() + 30
-    while "serving " not in backend.log_text():
-        assert time.monotonic() < deadline, f"the daemon never served:\n{backend.log_text()}"
-        time.sleep(0.05)
+    wait_until("the daemon serving", lambda: "serving " in backend.log_text(), 30, backend.log_text)
     # setpriv execs the daemon: the pid is the daemon's
     status = _status(backend.pid)
     assert status["Uid"].split()[0] == str(NOBODY) and status["CapEff"] == "0000000000000000"
