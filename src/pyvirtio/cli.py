@@ -424,7 +424,9 @@ def _add_xen_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--mapping",
         choices=["dynamic", "static"],
         default="dynamic",
-        help="map guest RAM on demand through a bounded cache (default), or all of it at start",
+        help="map guest RAM on demand through a bounded cache (default), or all of it at start "
+        "until the guest's memory map changes (Linux guests change it while they boot), then "
+        "on demand",
     )
     p.add_argument(
         "--map-cache-pages",
